@@ -1,0 +1,372 @@
+"""Typed configuration: one dataclass per stage, loaded from YAML, with ``key=value`` overrides.
+
+A job's YAML file is the nested form of :class:`Config`::
+
+    model: smollm2-135m
+    select: {method: evoselect, ratio: 0.1}
+    train: {lr: 2.0e-4, epochs: 3}
+
+Every field is type-checked and range-checked in ``__post_init__``, so a config built in Python
+is as safe as one read from a file. An unknown key is rejected with the closest valid name.
+Integers are accepted where a float is expected, and so are strings such as ``"1e-4"`` (YAML 1.1,
+which PyYAML follows, reads ``1e-4`` without a dot as a string).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import yaml
+
+from evoray.errors import ConfigError, did_you_mean
+
+__all__ = [
+    "Config", "FeaturesConfig", "SelectConfig", "TrainConfig", "GenerateConfig", "EvolveConfig",
+    "SweepConfig", "ConfigError", "SELECT_METHODS", "GENERATORS", "load_config", "parse_overrides",
+    "apply_override", "config_from_dict", "config_to_dict", "dump_config",
+]
+
+SELECT_METHODS = ("evoselect", "random", "attribution", "diversity", "attr_div", "tsds")
+GENERATORS = ("simulated", "pool", "hf", "vllm")
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with its documentation in ``metadata["help"]`` (shown by the CLI)."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Return ``value`` checked against the annotation ``tp`` (ints and numeric strings to float)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _coerce(value, arg, name)
+            except ConfigError:
+                continue
+    elif origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{name}: {value!r} is not valid{did_you_mean(str(value), map(str, args))}")
+    elif origin is list:
+        if isinstance(value, list):
+            return [_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, dict):
+            return config_from_dict(tp, value, prefix=f"{name}.")
+    elif isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{name}: wrong type {type(value).__name__} ({value!r}); expected "
+                      f"{_type_name(tp)}")
+
+
+class _Stage:
+    """Mixin: type-check every field, then run the stage's own range checks (``_check``)."""
+
+    section: ClassVar[str] = ""
+
+    def _name(self, field_name: str) -> str:
+        return f"{self.section}.{field_name}" if self.section else field_name
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], self._name(f.name)))
+        self._check()
+
+    def _check(self) -> None:
+        """Range checks; overridden by stages."""
+
+    def _require(self, ok: bool, field_name: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"{self._name(field_name)}: {getattr(self, field_name)!r} is out "
+                              f"of range; {what}")
+
+
+@dataclass
+class FeaturesConfig(_Stage):
+    """Per-sample LoRA-gradient features (LESS-style), computed on Ray Data actors."""
+
+    section: ClassVar[str] = "features"
+    dim: int | None = _f(None, "projection dimension; null = 8192 on GPU (LESS), 1024 on CPU")
+    lora_r: int = _f(8, "rank of the proxy's fresh LoRA (LESS uses 8)")
+    lora_alpha: float = _f(32.0, "LoRA alpha; the scale is alpha / r")
+    target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"],
+                                   "modules that get LoRA matrices")
+    max_length: int = _f(512, "tokens per (prompt, response); prompts are cut from the left")
+    batch_size: int = _f(16, "samples per forward/backward (Ray Data needs an int)")
+    num_actors: int = _f(1, "feature actors in the pool (ActorPoolStrategy size)")
+    num_gpus: float = _f(0.0, "GPUs per actor (0 on CPU)")
+    num_cpus: float = _f(1.0, "CPUs per actor; fractional (e.g. 0.5) on a small local machine")
+    adam: bool = _f(False, "precondition candidate gradients with a saved Adam state (LESS)")
+    seed: int = _f(0, "seed of the Rademacher projection")
+    dtype: Literal["float32", "float16"] = _f("float32", "storage type of the feature column")
+
+    def _check(self) -> None:
+        self._require(self.dim is None or self.dim > 0, "dim", "must be positive")
+        self._require(self.lora_r > 0, "lora_r", "must be positive")
+        self._require(self.lora_alpha > 0, "lora_alpha", "must be positive")
+        self._require(len(self.target_modules) > 0, "target_modules", "needs at least one name")
+        self._require(self.max_length >= 2, "max_length", "must be at least 2")
+        self._require(self.batch_size > 0, "batch_size", "must be positive")
+        self._require(self.num_actors > 0, "num_actors", "must be positive")
+        self._require(self.num_gpus >= 0, "num_gpus", "must be >= 0")
+        self._require(self.num_cpus > 0, "num_cpus", "must be positive")
+
+
+@dataclass
+class SelectConfig(_Stage):
+    """Selection of a budget of candidates; see ../shared/design/ALGORITHMS.md §3."""
+
+    section: ClassVar[str] = "select"
+    method: Literal[SELECT_METHODS] = _f("evoselect", "selector: " + ", ".join(SELECT_METHODS))
+    ratio: float = _f(0.1, "budget as a share of the pool, in (0, 1]; ignored when k is set")
+    k: int | None = _f(None, "budget as a count; overrides ratio")
+    lam: float = _f(0.25, "EvoSelect trade-off: 0 = pure OT alignment, 1 = pure diversity")
+    blocks: int = _f(10, "EvoSelect blocks: OT is re-solved on the uncovered targets after each")
+    eps: float = _f(0.01, "entropic regularisation of the OT (on centred cosine costs)")
+    tau: float = _f(0.01, "KL penalty on the relaxed candidate marginal")
+    seed: int = _f(0, "seed of randomised selectors and tie-breaking")
+    params: dict[str, Any] = _f({}, "further method-specific parameters (see each selector)")
+
+    def _check(self) -> None:
+        self._require(0.0 < self.ratio <= 1.0, "ratio", "must be in (0, 1]")
+        self._require(self.k is None or self.k > 0, "k", "must be positive")
+        self._require(0.0 <= self.lam <= 1.0, "lam", "must be in [0, 1]")
+        self._require(self.blocks > 0, "blocks", "must be positive")
+        self._require(self.eps > 0, "eps", "must be positive")
+        self._require(self.tau > 0, "tau", "must be positive")
+
+
+@dataclass
+class TrainConfig(_Stage):
+    """LoRA fine-tuning on Ray Train (TorchTrainer, DDP)."""
+
+    section: ClassVar[str] = "train"
+    lr: float = _f(2e-4, "peak learning rate (AdamW)")
+    epochs: int = _f(3, "passes over the selection; ignored when max_steps is set")
+    max_steps: int | None = _f(None, "optimizer steps; overrides epochs")
+    batch_size: int = _f(8, "samples per worker per step")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    warmup_ratio: float = _f(0.03, "share of steps with linear warm-up")
+    schedule: Literal["linear", "cosine", "constant"] = _f("linear", "learning-rate decay")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    bf16: bool = _f(False, "bfloat16 autocast (GPU only)")
+    gradient_checkpointing: bool = _f(False, "trade compute for activation memory")
+    max_length: int = _f(512, "tokens per example; prompts are cut from the left")
+    lora_r: int = _f(8, "LoRA rank")
+    lora_alpha: float = _f(32.0, "LoRA alpha")
+    lora_dropout: float = _f(0.05, "LoRA dropout while training")
+    target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "LoRA targets")
+    seed: int = _f(0, "seed of data order, dropout and LoRA init")
+    num_workers: int = _f(0, "Ray Train workers; 0 = in-process local mode")
+    use_gpu: bool = _f(False, "one GPU per worker")
+    checkpoint_every: int = _f(0, "steps between checkpoints; 0 = at each epoch's end only")
+    num_to_keep: int = _f(2, "checkpoints kept in storage_path")
+    max_failures: int = _f(0, "worker-group restarts allowed (FailureConfig)")
+    storage_path: str | None = _f(None, "checkpoint storage (local path or s3:// / gs:// URI)")
+
+    def _check(self) -> None:
+        self._require(self.lr > 0, "lr", "must be positive")
+        self._require(self.epochs > 0, "epochs", "must be positive")
+        self._require(self.max_steps is None or self.max_steps > 0, "max_steps", "must be > 0")
+        self._require(self.batch_size > 0, "batch_size", "must be positive")
+        self._require(self.grad_accum > 0, "grad_accum", "must be positive")
+        self._require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
+        self._require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        self._require(self.max_length >= 2, "max_length", "must be at least 2")
+        self._require(self.lora_r > 0, "lora_r", "must be positive")
+        self._require(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
+        self._require(self.num_workers >= 0, "num_workers", "must be >= 0")
+        self._require(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
+        self._require(self.num_to_keep > 0, "num_to_keep", "must be positive")
+        self._require(self.max_failures >= -1, "max_failures", "must be >= -1 (-1 = no limit)")
+
+
+@dataclass
+class GenerateConfig(_Stage):
+    """Where each round's candidates come from."""
+
+    section: ClassVar[str] = "generate"
+    kind: Literal[GENERATORS] = _f("simulated", "generator: " + ", ".join(GENERATORS))
+    task: str = _f("arithmetic", "built-in task family the simulated generator writes for")
+    preset: Literal["weak", "strong"] = _f("weak", "simulated generator's noise mix")
+    pool_size: int = _f(2000, "candidates per round")
+    path: str | None = _f(None, "pool file(s) for kind=pool: one file, or a pattern with {round}")
+    model: str | None = _f(None, "generator model for kind=hf/vllm; null = the model being trained")
+    seed: int = _f(0, "seed of the generator (round r uses seed + r)")
+
+    def _check(self) -> None:
+        self._require(self.pool_size > 0, "pool_size", "must be positive")
+        if self.kind == "pool" and not self.path:
+            raise ConfigError("generate.path: required when generate.kind is 'pool'")
+
+
+@dataclass
+class EvolveConfig(_Stage):
+    """The round loop: generate → featurize → select → train → evaluate."""
+
+    section: ClassVar[str] = "evolve"
+    rounds: int = _f(2, "number of generate → select → train rounds")
+    run_dir: str = _f("runs/demo", "where each round's outputs and the manifest go (path or URI)")
+    task: str = _f("arithmetic", "built-in task providing targets/dev/test when paths are null")
+    targets: str | None = _f(None, "target (validation) records file; null = the built-in task")
+    dev: str | None = _f(None, "dev MCQ file for choosing hyper-parameters")
+    test: str | None = _f(None, "test MCQ file, for reporting only")
+    fixed_proxy: bool = _f(False, "use the round-1 model as proxy in every round")
+    replay: bool = _f(False, "also train on earlier rounds' selections")
+
+    def _check(self) -> None:
+        self._require(self.rounds > 0, "rounds", "must be positive")
+
+
+@dataclass
+class SweepConfig(_Stage):
+    """Ray Tune sweep over selection and training parameters."""
+
+    section: ClassVar[str] = "sweep"
+    space: dict[str, Any] = _f({}, "parameter path -> {grid: [...]} or {choice|uniform|loguniform}")
+    search: Literal["grid", "random", "optuna"] = _f("grid", "search algorithm")
+    num_samples: int = _f(1, "samples per grid point (grid) or trials (random/optuna)")
+    metric: str = _f("dev_accuracy", "trial metric the scheduler and the best config use")
+    mode: Literal["max", "min"] = _f("max", "whether the metric is maximised")
+    scheduler: Literal["fifo", "asha"] = _f("asha", "trial scheduler (ASHA on per-epoch dev metric)")
+    max_concurrent_trials: int | None = _f(None, "null = derived from the cluster's resources")
+    sweep_dir: str = _f("runs/sweep", "results, summary and best_config.yaml")
+
+    def _check(self) -> None:
+        self._require(self.num_samples > 0, "num_samples", "must be positive")
+        self._require(self.max_concurrent_trials is None or self.max_concurrent_trials > 0,
+                      "max_concurrent_trials", "must be positive")
+
+
+@dataclass
+class Config(_Stage):
+    """A whole job: the model, a seed, and one section per stage."""
+
+    model: str = _f("smollm2-135m", "base model: HF dir or hub id, smollm2-135m, tiny-gpt2, tiny-llama")
+    cache_dir: str | None = _f(None, "model cache; null = $EVORAY_CACHE or ~/.cache/evoray")
+    seed: int = _f(0, "global seed")
+    features: FeaturesConfig = field(default_factory=FeaturesConfig, metadata={"help": "features"})
+    select: SelectConfig = field(default_factory=SelectConfig, metadata={"help": "selection"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "training"})
+    generate: GenerateConfig = field(default_factory=GenerateConfig, metadata={"help": "generator"})
+    evolve: EvolveConfig = field(default_factory=EvolveConfig, metadata={"help": "round loop"})
+    sweep: SweepConfig = field(default_factory=SweepConfig, metadata={"help": "Tune sweep"})
+
+
+def config_from_dict(cls: type, data: dict, *, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict; unknown keys name the closest valid one."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got "
+                          f"{type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            close = did_you_mean(str(key), names).replace("'", f"'{prefix}", 1)
+            raise ConfigError(f"unknown key '{prefix}{key}'{close}")
+    return cls(**data)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Any) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """``["select.ratio=0.05"]`` → ``[("select.ratio", 0.05)]`` (values parsed as YAML)."""
+    out = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. select.ratio=0.05")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def apply_override(cfg: Any, key: str, value: Any, *, prefix: str = "") -> Any:
+    """Return a copy of ``cfg`` with the dotted ``key`` set to ``value``, re-validated."""
+    head, _, rest = key.partition(".")
+    names = {f.name for f in dataclasses.fields(cfg)}
+    if head not in names:
+        close = did_you_mean(head, names).replace("'", f"'{prefix}", 1)
+        raise ConfigError(f"unknown key '{prefix}{key}'{close}")
+    current = getattr(cfg, head)
+    if rest:
+        if not dataclasses.is_dataclass(current):
+            raise ConfigError(f"'{prefix}{head}' has no sub-keys; cannot set '{prefix}{key}'")
+        value = apply_override(current, rest, value, prefix=f"{prefix}{head}.")
+    elif dataclasses.is_dataclass(current) and isinstance(value, dict):
+        value = config_from_dict(type(current), {**config_to_dict(current), **value},
+                                 prefix=f"{prefix}{head}.")
+    return dataclasses.replace(cfg, **{head: value})
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a :class:`Config` from YAML (``None``: the defaults), then apply ``key=value`` overrides.
+
+    Raises:
+        ConfigError: naming the file (and YAML line) or the override at fault.
+    """
+    data: dict = {}
+    if path is not None:
+        from evoray.data.io import _read_bytes
+
+        text = _read_bytes(path).decode("utf-8", errors="replace")
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    try:
+        cfg = config_from_dict(Config, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    for key, value in parse_overrides(overrides or []):
+        try:
+            cfg = apply_override(cfg, key, value)
+        except ConfigError as e:
+            raise ConfigError(f"override {key}={value!r}: {e}") from None
+    return cfg

@@ -1,0 +1,245 @@
+"""Read and write record files: JSONL and Parquet, on local paths or any pyarrow filesystem URI.
+
+Small files (targets, test sets, selections) go through pyarrow on the driver and are validated
+row by row (:func:`read_records`). Large pools go through Ray Data (:func:`read_dataset`), whose
+schema is checked before any work starts.
+
+Formats are chosen by extension: ``.jsonl`` (one JSON object a line, UTF-8; blank lines are
+ignored) and ``.parquet``. In Parquet, ``meta`` is stored as a JSON string column, since a free-form
+dict has no fixed Arrow type; :func:`read_records` decodes it back.
+
+Writes validate everything first and write nothing on failure; then they write to a temporary
+name beside the target and rename it, so a final name never holds a partial file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from evoray.data.records import KINDS, validate_records
+from evoray.errors import RecordError
+
+if TYPE_CHECKING:
+    import ray.data
+
+__all__ = ["FORMATS", "detect_format", "resolve", "read_records", "write_records",
+           "read_dataset", "atomic_write_bytes", "exists"]
+
+FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    """Return ``(filesystem, path inside it)`` for a local path or a URI (``s3://``, ``gs://``...)."""
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def exists(path: str) -> bool:
+    fs, p = resolve(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def detect_format(path: str) -> str:
+    """``"jsonl"`` or ``"parquet"`` from the file's extension; anything else is an error."""
+    ext = os.path.splitext(path.rstrip("/"))[1].lower()
+    if ext not in FORMATS:
+        raise RecordError(path, f"unknown format {ext or '(no extension)'!r}; valid: "
+                          f"{', '.join(FORMATS)}")
+    return FORMATS[ext]
+
+
+def _read_bytes(path: str) -> bytes:
+    fs, p = resolve(path)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.NotFound:
+        raise RecordError(path, "no such file")
+    if info.type == pafs.FileType.Directory:
+        raise RecordError(path, "is a directory; expected a .jsonl or .parquet file")
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
+def _parse_jsonl(path: str, data: bytes) -> tuple[list, list[int]]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise RecordError(path, f"not valid UTF-8 (byte {e.start})", line=line) from None
+    records, lines = [], []
+    for n, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            records.append(json.loads(raw))
+        except json.JSONDecodeError as e:
+            raise RecordError(path, f"malformed JSON: {e.msg} (column {e.colno})", line=n) from None
+        lines.append(n)
+    return records, lines
+
+
+def read_records(path: str, kind: str) -> list[dict]:
+    """Read and validate a small record file into a list of dicts.
+
+    Args:
+        path: local path or URI of a ``.jsonl`` or ``.parquet`` file.
+        kind: ``"candidate"``, ``"target"`` or ``"mcq"`` (see :mod:`evoray.data.records`).
+
+    Raises:
+        RecordError: naming the file, the line (JSONL) or 1-based row (Parquet), and the field.
+    """
+    fmt = detect_format(path)
+    data = _read_bytes(path)
+    if fmt == "jsonl":
+        records, lines = _parse_jsonl(path, data)
+        return validate_records(records, kind, path=path, unit="line", positions=lines)
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except pa.ArrowException as e:
+        raise RecordError(path, f"not a readable Parquet file ({e})") from None
+    records = table.to_pylist()
+    for n, rec in enumerate(records, start=1):
+        if isinstance(rec.get("meta"), str):
+            try:
+                rec["meta"] = json.loads(rec["meta"])
+            except json.JSONDecodeError as e:
+                raise RecordError(path, f"malformed JSON: {e.msg}", row=n, field="meta") from None
+    return validate_records(records, kind, path=path, unit="row")
+
+
+def _arrow_schema(kind: str) -> pa.Schema:
+    types = {"choices": pa.list_(pa.string()), "meta": pa.string()}
+    return pa.schema([(f.name, types.get(f.name, pa.string())) for f in KINDS[kind]])
+
+
+def _encode(records: list[dict], kind: str, fmt: str) -> bytes:
+    if fmt == "jsonl":
+        lines = (json.dumps(r, ensure_ascii=False, sort_keys=False) for r in records)
+        return ("\n".join(lines) + "\n").encode("utf-8")
+    rows = [{**r, "meta": json.dumps(r["meta"], sort_keys=True)} if "meta" in r else r
+            for r in records]
+    table = pa.Table.from_pylist(rows, schema=_arrow_schema(kind))
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to a temporary name beside ``path``, then rename it to ``path``."""
+    fs, p = resolve(path)
+    parent = os.path.dirname(p)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, p)
+    except BaseException:
+        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            fs.delete_file(tmp)
+        raise
+
+
+def write_records(records: list[dict], path: str, kind: str) -> None:
+    """Validate ``records`` and write them to ``path`` (format from the extension).
+
+    Nothing is written when validation fails. Records are written in the given order with keys
+    in schema order, so the same records give byte-identical files.
+    """
+    fmt = detect_format(path)
+    records = validate_records(records, kind, path=path, unit="row")
+    order = [f.name for f in KINDS[kind]]
+    records = [{k: r[k] for k in order if k in r} for r in records]
+    atomic_write_bytes(path, _encode(records, kind, fmt))
+
+
+class _ParseJsonl:
+    """Ray Data batch function: JSONL lines -> string columns, ids as strings."""
+
+    def __init__(self, path: str, columns: list[str]):
+        self.path, self.columns = path, columns
+
+    def __call__(self, batch: dict) -> dict:
+        rows = []
+        for line in batch["text"]:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise RecordError(self.path, f"malformed JSON: {e.msg}") from None
+        out = {}
+        for c in self.columns:
+            values = [r.get(c) for r in rows]
+            out[c] = [None if v is None else (v if isinstance(v, str) else json.dumps(v)
+                      if c == "meta" else str(v)) for v in values]
+        return out
+
+
+def _first_record(path: str, fs: pafs.FileSystem, p: str) -> dict:
+    with fs.open_input_stream(p) as f:
+        head = f.read(1 << 20).decode("utf-8", errors="replace")
+    for n, line in enumerate(head.splitlines(), start=1):
+        if line.strip():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(path, f"malformed JSON: {e.msg}", line=n) from None
+            if not isinstance(rec, dict):
+                raise RecordError(path, "expected a JSON object", line=n)
+            return rec
+    raise RecordError(path, "the file holds no records")
+
+
+def read_dataset(path: str, kind: str = "candidate", *,
+                 columns: list[str] | None = None, **read_args) -> ray.data.Dataset:
+    """Open a large record file (or a folder of Parquet files) as a Ray Data dataset.
+
+    The schema is checked on the driver before anything runs: every required field of ``kind``
+    must be present and none may be unknown (JSONL: judged on the first record). Row-level checks
+    (empty strings, duplicate ids) are the job of :func:`read_records`, for files small enough to
+    hold on the driver. JSONL is read as text and parsed in Ray tasks (Arrow's JSON reader rejects
+    integer ids and free-form ``meta``); ids come out as strings and ``meta`` as a JSON string,
+    as in Parquet.
+
+    Args:
+        path: local path or URI of a ``.jsonl`` or ``.parquet`` file, or a folder of ``.parquet``.
+        kind: record kind whose schema the data must follow.
+        columns: keep only these columns (default: every field of ``kind`` that is present).
+        **read_args: passed to ``ray.data.read_parquet`` / ``read_text``
+            (e.g. ``override_num_blocks``).
+    """
+    import ray.data
+
+    fs, p = resolve(path)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.NotFound:
+        raise RecordError(path, "no such file or folder")
+    fmt = "parquet" if info.type == pafs.FileType.Directory else detect_format(path)
+    if fmt == "parquet":
+        ds = ray.data.read_parquet(p, filesystem=fs, **read_args)
+        names = ds.schema().names
+    else:
+        names = list(_first_record(path, fs, p))
+    fields = {f.name: f for f in KINDS[kind]}
+    for f in fields.values():
+        if f.required and f.name not in names:
+            raise RecordError(path, f"missing required field of {kind} records", field=f.name)
+    for name in names:
+        if name not in fields:
+            raise RecordError(path, f"unknown field for {kind} records", field=name)
+    columns = columns or [n for n in fields if n in names]
+    if fmt == "jsonl":
+        ds = ray.data.read_text(p, filesystem=fs, **read_args)
+        return ds.map_batches(_ParseJsonl(path, columns), batch_format="numpy")
+    ds = ds.select_columns(columns)
+    if "id" in columns and not pa.types.is_string(ds.schema().base_schema.field("id").type):
+        ds = ds.map_batches(lambda b: {**b, "id": b["id"].astype(str)}, batch_format="numpy")
+    return ds
