@@ -52,7 +52,7 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:
-    """Return ``value`` checked against the annotation ``tp`` (ints and numeric strings to float)."""
+    """Return ``value`` checked against annotation ``tp`` (ints and numeric strings to float)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return value
@@ -65,7 +65,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     elif origin is Literal:
         if value in args:
             return value
-        raise ConfigError(f"{name}: {value!r} is not valid{did_you_mean(str(value), map(str, args))}")
+        hint = did_you_mean(str(value), map(str, args))
+        raise ConfigError(f"{name}: {value!r} is not valid{hint}")
     elif origin is list:
         if isinstance(value, list):
             return [_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)]
@@ -264,7 +265,7 @@ class SweepConfig(_Stage):
     num_samples: int = _f(1, "samples per grid point (grid) or trials (random/optuna)")
     metric: str = _f("dev_accuracy", "trial metric the scheduler and the best config use")
     mode: Literal["max", "min"] = _f("max", "whether the metric is maximised")
-    scheduler: Literal["fifo", "asha"] = _f("asha", "trial scheduler (ASHA on per-epoch dev metric)")
+    scheduler: Literal["fifo", "asha"] = _f("asha", "trial scheduler (ASHA: per-epoch dev metric)")
     max_concurrent_trials: int | None = _f(None, "null = derived from the cluster's resources")
     sweep_dir: str = _f("runs/sweep", "results, summary and best_config.yaml")
 
@@ -278,7 +279,8 @@ class SweepConfig(_Stage):
 class Config(_Stage):
     """A whole job: the model, a seed, and one section per stage."""
 
-    model: str = _f("smollm2-135m", "base model: HF dir or hub id, smollm2-135m, tiny-gpt2, tiny-llama")
+    model: str = _f("smollm2-135m",
+                    "base model: HF folder or hub id, smollm2-135m, tiny-gpt2, tiny-llama")
     cache_dir: str | None = _f(None, "model cache; null = $EVORAY_CACHE or ~/.cache/evoray")
     seed: int = _f(0, "global seed")
     features: FeaturesConfig = field(default_factory=FeaturesConfig, metadata={"help": "features"})
@@ -344,7 +346,7 @@ def apply_override(cfg: Any, key: str, value: Any, *, prefix: str = "") -> Any:
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a :class:`Config` from YAML (``None``: the defaults), then apply ``key=value`` overrides.
+    """Load a :class:`Config` from YAML (``None``: defaults), then apply ``key=value`` overrides.
 
     Raises:
         ConfigError: naming the file (and YAML line) or the override at fault.

@@ -1,4 +1,4 @@
-"""Model loading: a local Hugging Face folder or hub id, the bundled SmolLM2-135M, tiny random models.
+"""Model loading: a local HF folder or hub id, the bundled SmolLM2-135M, tiny random models.
 
 ``load_model(spec)`` returns ``(model, tokenizer)`` with the tokenizer made ready for batched
 forward passes (see :func:`prepare_tokenizer`). Specs:

@@ -212,7 +212,8 @@ def read_dataset(path: str, kind: str = "candidate", *,
     Args:
         path: local path or URI of a ``.jsonl`` or ``.parquet`` file, or a folder of ``.parquet``.
         kind: record kind whose schema the data must follow.
-        columns: keep only these columns (default: every field of ``kind`` that is present).
+        columns: keep only these columns (default: every field of ``kind``; for Parquet, those
+            present).
         **read_args: passed to ``ray.data.read_parquet`` / ``read_text``
             (e.g. ``override_num_blocks``).
     """
@@ -235,7 +236,8 @@ def read_dataset(path: str, kind: str = "candidate", *,
     for name in names:
         if name not in fields:
             raise RecordError(path, f"unknown field for {kind} records", field=name)
-    columns = columns or [n for n in fields if n in names]
+    if not columns:  # JSONL: every field of the kind (absent ones as nulls)
+        columns = [n for n in fields if n in names] if fmt == "parquet" else list(fields)
     if fmt == "jsonl":
         ds = ray.data.read_text(p, filesystem=fs, **read_args)
         return ds.map_batches(_ParseJsonl(path, columns), batch_format="numpy")

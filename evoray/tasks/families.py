@@ -88,7 +88,8 @@ class Arithmetic(Family):
     name = "arithmetic"
     description = "multi-digit addition, subtraction and multiplication"
     _ops = {"+": "addition", "-": "subtraction", "*": "multiplication"}
-    _templates = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Find the value of {a} {op} {b}.")
+    _templates = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.",
+                  "Find the value of {a} {op} {b}.")
 
     def sample(self, rng: random.Random) -> Question:
         op = rng.choice(list(self._ops))
@@ -133,8 +134,8 @@ class UnitConversion(Family):
             frm, to, v, ans, sub = big, small, value, value * factor, "to_smaller"
         else:
             frm, to, v, ans, sub = small, big, value * factor, value, "to_larger"
-        wrong = [ans * 10, ans / 10, v * (factor * 10 if sub == "to_smaller" else 1 / (factor * 10)),
-                 ans + factor, ans * 2, ans + 1]
+        wrong_factor = factor * 10 if sub == "to_smaller" else 1 / (factor * 10)
+        wrong = [ans * 10, ans / 10, v * wrong_factor, ans + factor, ans * 2, ans + 1]
         rng.shuffle(wrong)
         opts, idx = _options(rng, fmt_number(ans), [fmt_number(round(w, 4)) for w in wrong])
         return Question(self.name, f"unit:{fmt_number(v)}:{frm}->{to}", sub,

@@ -1,0 +1,75 @@
+"""`ray job submit` against a real local head node started (and stopped) by this test."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.timeout(300)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A head node on free ports; `--block` ties every Ray process to this process group, so
+    teardown stops what this test started and nothing else (no `ray stop`)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
+           "RAY_TMPDIR": str(tmp_path_factory.mktemp("ray"))}
+    dash = _free_port()
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    proc = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--num-cpus=2", "--disable-usage-stats",
+         f"--port={_free_port()}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+         "--include-dashboard=true"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("the Ray head node did not start") from None
+                time.sleep(0.5)
+        yield {"address": address, "env": env, "ray": ray_bin}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_make_task_job(head, tmp_path):
+    out = tmp_path / "task"
+    result = subprocess.run(
+        [head["ray"], "job", "submit", "--address", head["address"], "--working-dir", str(ROOT),
+         "--", "python", "jobs/make_task.py", "--task", "compare", "--pool-size", "300",
+         "--generator", "strong", "--out", str(out)],
+        env=head["env"], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "pool checked on the cluster: 300 candidates" in result.stdout
+    assert {p.name for p in out.iterdir()} >= {"pool.jsonl", "targets.jsonl", "test.jsonl"}
+
+
+def test_failing_job_exits_non_zero(head, tmp_path):
+    result = subprocess.run(
+        [head["ray"], "job", "submit", "--address", head["address"], "--working-dir", str(ROOT),
+         "--", "python", "jobs/make_task.py", "--task", "nope", "--out", str(tmp_path / "x")],
+        env=head["env"], capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    assert "unknown task 'nope'" in result.stdout + result.stderr
