@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import ray.data
 
 __all__ = ["FORMATS", "detect_format", "resolve", "read_records", "write_records",
-           "read_dataset", "atomic_write_bytes", "exists"]
+           "read_dataset", "write_dataset", "atomic_write_bytes", "exists"]
 
 FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
 
@@ -245,3 +245,23 @@ def read_dataset(path: str, kind: str = "candidate", *,
     if "id" in columns and not pa.types.is_string(ds.schema().base_schema.field("id").type):
         ds = ds.map_batches(lambda b: {**b, "id": b["id"].astype(str)}, batch_format="numpy")
     return ds
+
+
+def write_dataset(ds: ray.data.Dataset, path: str) -> None:
+    """Write a Ray Data dataset as a folder of Parquet files at ``path`` (local or URI).
+
+    The files go to a temporary folder beside ``path``, renamed when every file is written, so
+    ``path`` never holds a partial dataset. An existing ``path`` is an error (nothing is lost).
+    :func:`read_dataset` reads the folder back.
+    """
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type != pafs.FileType.NotFound:
+        raise RecordError(path, "already exists; choose a new path or remove it first")
+    tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        ds.write_parquet(tmp, filesystem=fs)
+        fs.move(tmp, p)
+    except BaseException:
+        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            fs.delete_dir(tmp)
+        raise

@@ -1,5 +1,7 @@
 """Reading pools through Ray Data on a local Ray."""
 
+import json
+
 import pytest
 
 from evoray.data import read_dataset, read_records
@@ -50,3 +52,32 @@ def test_ray_data_schema_errors_before_running(ray_session, tmp_path, content, p
     with pytest.raises(RecordError) as err:
         read_dataset(str(path), "candidate")
     assert str(err.value).startswith(str(path)) and part in str(err.value)
+
+
+def test_write_dataset_folder_roundtrip(ray_session, task_files, tmp_path):
+    from evoray.data import write_dataset
+
+    ds = read_dataset(task_files["jsonl"]["pool"], "candidate")
+    out = tmp_path / "pool_parquet"
+    write_dataset(ds, str(out))
+    assert out.is_dir() and not list(tmp_path.glob("*.tmp-*"))
+    back = {r["id"]: r for r in read_dataset(str(out), "candidate").take_all()}
+    original = read_records(task_files["jsonl"]["pool"], "candidate")
+    assert len(back) == len(original) == 400
+    for rec in original:
+        row = back[rec["id"]]
+        assert (row["prompt"], row["response"], row["source"]) == (
+            rec["prompt"], rec["response"], rec["source"])
+        assert json.loads(row["meta"]) == rec["meta"]
+    with pytest.raises(RecordError, match="already exists"):
+        write_dataset(ds, str(out))
+
+
+def test_parquet_with_integer_ids(ray_session, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"id": [3, 4], "prompt": ["p", "q"], "response": ["r", "s"]}), path)
+    rows = read_dataset(str(path), "candidate").take_all()
+    assert sorted(r["id"] for r in rows) == ["3", "4"]

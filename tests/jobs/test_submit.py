@@ -21,6 +21,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_until_jobs_accepted(address, env, ray_bin, proc, timeout=120.0):
+    """The dashboard answers before the head's job agent is up ("No available agent to submit
+    job"): wait for the API, then submit a no-op job until one is accepted."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the Ray head node did not start accepting jobs")
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+        except OSError:
+            time.sleep(0.5)
+            continue
+        noop = subprocess.run([ray_bin, "job", "submit", "--address", address, "--", "true"],
+                              env=env, capture_output=True, text=True, timeout=120)
+        if noop.returncode == 0:
+            return
+        time.sleep(1)
+
+
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """A head node on free ports; `--block` ties every Ray process to this process group, so
@@ -36,15 +55,7 @@ def head(tmp_path_factory):
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dash}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("the Ray head node did not start") from None
-                time.sleep(0.5)
+        _wait_until_jobs_accepted(address, env, ray_bin, proc)
         yield {"address": address, "env": env, "ray": ray_bin}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

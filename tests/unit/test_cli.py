@@ -2,6 +2,8 @@
 
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -9,8 +11,8 @@ from evoray.cli import main
 
 
 def test_console_script_help_lists_subcommands():
-    exe = shutil.which("evoray")
-    assert exe, "the console script `evoray` is installed"
+    exe = shutil.which("evoray", path=str(Path(sys.executable).parent))
+    assert exe, "the console script `evoray` is installed beside the interpreter"
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("tasks", "config", "demo"):
         assert command in out
