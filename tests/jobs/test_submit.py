@@ -44,18 +44,33 @@ def _wait_until_jobs_accepted(address, env, ray_bin, proc, timeout=120.0):
 def head(tmp_path_factory):
     """A head node on free ports; `--block` ties every Ray process to this process group, so
     teardown stops what this test started and nothing else (no `ray stop`)."""
+    # The head and its jobs run this interpreter's environment, as if the venv were activated:
+    # the job entrypoint says `python`, which must find ray and evoray.
+    bin_dir = Path(sys.executable).parent
     env = {**os.environ, "RAY_AUTH_MODE": "disabled",
-           "RAY_TMPDIR": str(tmp_path_factory.mktemp("ray"))}
+           "RAY_TMPDIR": str(tmp_path_factory.mktemp("ray")),
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     dash = _free_port()
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    proc = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", "--num-cpus=2", "--disable-usage-stats",
-         f"--port={_free_port()}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-         "--include-dashboard=true"],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ray_bin = str(bin_dir / "ray")
+    # Every component on its own free port: the integration tests' session Ray may already hold
+    # the default agent ports (52365, ...), and a second head on them exits at once.
+    ports = [f"--{name}={_free_port()}" for name in (
+        "port", "node-manager-port", "object-manager-port", "ray-client-server-port",
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port")]
+    log = tmp_path_factory.mktemp("head") / "ray_start.log"
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen(
+            [ray_bin, "start", "--head", "--block", "--num-cpus=2", "--disable-usage-stats",
+             f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+             *ports],
+            env=env, start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dash}"
     try:
-        _wait_until_jobs_accepted(address, env, ray_bin, proc)
+        try:
+            _wait_until_jobs_accepted(address, env, ray_bin, proc)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}; `ray start` printed:\n{log.read_text()[-3000:]}") from None
         yield {"address": address, "env": env, "ray": ray_bin}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
