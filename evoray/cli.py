@@ -67,10 +67,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import ray
 
     from evoray.data import read_dataset
+    from evoray.ray_utils import init_ray
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, configure_logging=False,
-             log_to_driver=False)
+    init_ray(num_cpus=args.num_cpus)
     n_pool = read_dataset(paths["pool"], "candidate", columns=["id", "prompt"]).count()
     print(f"[demo] local Ray ({args.num_cpus} CPUs): Ray Data read the pool, {n_pool} candidates "
           f"({time.perf_counter() - t0:.1f} s)")
