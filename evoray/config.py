@@ -136,6 +136,12 @@ class FeaturesConfig(_Stage):
     adam: bool = _f(False, "precondition candidate gradients with a saved Adam state (LESS)")
     seed: int = _f(0, "seed of the Rademacher projection")
     dtype: Literal["float32", "float16"] = _f("float32", "storage type of the feature column")
+    on_bad: Literal["error", "skip"] = _f(
+        "error", "a candidate whose response does not fit max_length: fail naming it, or skip it "
+        "(counted in the log and in meta.json)")
+    proj_block_mb: float = _f(64.0, "size of one generated block of the projection matrix")
+    proj_cache_mb: float = _f(2048.0, "keep projection blocks in memory up to this total; beyond, "
+                              "regenerate them for every batch (memory stays at one block)")
 
     def _check(self) -> None:
         self._require(self.dim is None or self.dim > 0, "dim", "must be positive")
@@ -147,6 +153,8 @@ class FeaturesConfig(_Stage):
         self._require(self.num_actors > 0, "num_actors", "must be positive")
         self._require(self.num_gpus >= 0, "num_gpus", "must be >= 0")
         self._require(self.num_cpus > 0, "num_cpus", "must be positive")
+        self._require(self.proj_block_mb > 0, "proj_block_mb", "must be positive")
+        self._require(self.proj_cache_mb >= 0, "proj_cache_mb", "must be >= 0")
 
 
 @dataclass

@@ -166,5 +166,20 @@ def load_model(spec: str, *, cache_dir: str | None = None, seed: int = 0,
     return model.eval(), tokenizer
 
 
+def load_tokenizer(spec: str, *, cache_dir: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer of :func:`load_model` alone (no weights loaded), prepared the same way."""
+    from transformers import AutoTokenizer
+
+    if spec in ("tiny-gpt2", "tiny-llama"):
+        return prepare_tokenizer(byte_tokenizer())
+    source = str(smollm2_dir(cache_dir)) if spec == "smollm2-135m" else os.path.expanduser(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ModelError(f"tokenizer of {spec!r} could not be loaded "
+                         f"({str(e).splitlines()[0]})") from None
+    return prepare_tokenizer(tokenizer)
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,152 @@
+"""Features of tokenized batches: proxy model + batched per-sample gradients + projection.
+
+:class:`FeatureExtractor` is the whole computation for one batch, without Ray; the Ray Data stage
+(:mod:`evoray.features.stage`) runs one per actor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from evoray.config import FeaturesConfig
+from evoray.errors import EvorayError
+from evoray.features.grads import (
+    BatchedGradients,
+    adam_precondition,
+    attach_lora,
+    lora_pairs,
+    reference_gradients,
+)
+from evoray.features.projection import RademacherProjector
+
+__all__ = ["FeatureError", "FeatureExtractor", "default_dim", "load_adam_state",
+           "save_adam_state"]
+
+
+class FeatureError(EvorayError, ValueError):
+    """A sample whose loss or gradient is not finite, or features that cannot be computed."""
+
+
+def default_dim(cfg: FeaturesConfig, device: str | torch.device) -> int:
+    """``cfg.dim``, else 8192 on a GPU (LESS) and 1024 on a CPU."""
+    return cfg.dim or (8192 if torch.device(device).type == "cuda" else 1024)
+
+
+def save_adam_state(optimizer: torch.optim.Optimizer, model, path: str) -> None:
+    """Save the Adam moments of every LoRA matrix as safetensors, the format the features stage
+    reads: keys ``<module>.lora_A.exp_avg``, ``.exp_avg_sq`` (and ``lora_B``)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for pair in lora_pairs(model):
+        for key, w in zip(pair.names, (pair.A.weight, pair.B.weight), strict=False):
+            state = optimizer.state.get(w, {})
+            if "exp_avg" in state:
+                tensors[f"{key}.exp_avg"] = state["exp_avg"].detach().cpu().contiguous()
+                tensors[f"{key}.exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().contiguous()
+    if not tensors:
+        raise FeatureError("the optimizer holds no Adam state for the LoRA matrices")
+    save_file(tensors, path)
+
+
+def load_adam_state(path: str, model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Read :func:`save_adam_state`'s file as ``(m, v)`` per LoRA matrix, in flattening order."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    state = []
+    for pair in lora_pairs(model):
+        for key, w in zip(pair.names, (pair.A.weight, pair.B.weight), strict=False):
+            try:
+                m, v = tensors[f"{key}.exp_avg"], tensors[f"{key}.exp_avg_sq"]
+            except KeyError:
+                raise FeatureError(f"{path}: no Adam state for {key}") from None
+            if m.shape != w.shape:
+                raise FeatureError(f"{path}: Adam state of {key} is {tuple(m.shape)}, the "
+                                   f"adapter's matrix is {tuple(w.shape)}")
+            state.append((m, v))
+    return state
+
+
+class FeatureExtractor:
+    """Projected per-sample LoRA-gradient features of a proxy model.
+
+    Args:
+        model, tokenizer: a base causal LM (from :func:`evoray.models.load_model`).
+        cfg: features settings (LoRA shape, dim, seed, projection memory).
+        adapter: folder of a trained LoRA adapter; None = a fresh LoRA (``B = 0``).
+        adam_state: file from :func:`save_adam_state`; candidates' gradients are then Adam-
+            preconditioned (LESS). Target features must be computed without it.
+        device: where the model runs.
+        reference: compute gradients the LESS way (one backward per sample), for benchmarks.
+    """
+
+    def __init__(self, model, tokenizer, cfg: FeaturesConfig, *, adapter: str | None = None,
+                 adam_state: str | None = None, device: str = "cpu", reference: bool = False):
+        self.cfg, self.device, self.reference = cfg, torch.device(device), reference
+        self.tokenizer = tokenizer
+        self.model = attach_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha,
+                                 target_modules=cfg.target_modules, adapter=adapter,
+                                 seed=cfg.seed)
+        self.model.to(self.device)
+        self.grads = BatchedGradients(self.model)
+        self.adam = load_adam_state(adam_state, self.model) if adam_state else None
+        self.dim = default_dim(cfg, self.device)
+        self.projector = RademacherProjector(self.grads.sizes, self.dim, cfg.seed,
+                                             block_mb=cfg.proj_block_mb,
+                                             cache_mb=cfg.proj_cache_mb, device=self.device)
+
+    @property
+    def a_skipped(self) -> bool:
+        """True when the ``A`` gradients are skipped (every ``B`` is zero and no Adam state)."""
+        return self.grads.a_skipped and self.adam is None and not self.reference
+
+    def __call__(self, batch: dict[str, torch.Tensor], ids=None):
+        """Features of a right-padded batch (``input_ids``, ``attention_mask``, ``labels``).
+
+        Returns:
+            ``(features (B, dim) float32, grad_norm (B,), loss (B,))`` as numpy arrays.
+
+        Raises:
+            FeatureError: naming the sample (``ids[n]`` if given) whose loss or gradient is not
+                finite, or that has no response token.
+        """
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        ids = list(ids) if ids is not None else list(range(batch["input_ids"].shape[0]))
+        empty = (batch["labels"][:, 1:] == -100).all(1)
+        if empty.any():
+            raise FeatureError(f"sample {ids[int(empty.nonzero()[0])]!r} has no response token "
+                               f"to compute a loss on")
+        if self.reference:
+            grads, losses = reference_gradients(self.model, batch)
+        else:
+            grads, losses = self.grads(batch)
+        if self.adam is not None:
+            n = batch["input_ids"].shape[0]
+            grads = [g if g is not None else torch.zeros(n, *s[0].shape, device=self.device)
+                     for g, s in zip(grads, self.adam, strict=False)]
+            grads = adam_precondition(grads, self.adam)
+        sq = sum(g.reshape(g.shape[0], -1).pow(2).sum(1) for g in grads if g is not None)
+        features = self.projector.project(grads)
+        finite = torch.isfinite(losses) & torch.isfinite(sq) & torch.isfinite(features).all(1)
+        if not finite.all():
+            n = int((~finite).nonzero()[0])
+            raise FeatureError(f"sample {ids[n]!r}: non-finite loss or gradient "
+                               f"(loss {losses[n].item()})")
+        return (features.cpu().numpy(), sq.sqrt().float().cpu().numpy(),
+                losses.float().cpu().numpy())
+
+    def info(self) -> dict:
+        """What the features depend on, for the metadata file."""
+        return {
+            "dim": self.dim, "seed": self.cfg.seed, "lora_r": self.cfg.lora_r,
+            "lora_alpha": self.cfg.lora_alpha, "target_modules": list(self.cfg.target_modules),
+            "layers": [p.name for p in self.grads.pairs], "a_skipped": self.a_skipped,
+            "adam": self.adam is not None, "gradient_entries": sum(self.grads.sizes),
+            "projection_block_rows": self.projector.block_rows,
+            "projection_cached": self.projector.cached,
+            "projection_peak_mb": math.ceil(self.projector.peak_bytes / 2**20),
+        }
+

@@ -1,0 +1,325 @@
+"""The features stage on Ray Data: pool file in, features folder out.
+
+Plan of a run (``featurize``):
+
+1. **Tokenize** the pool with Ray Data tasks (order preserved, so each candidate gets its row,
+   its position in the file), keeping each candidate's token count and a status.
+2. **Check** on the driver: a candidate whose response does not fit ``max_length`` (the prompt is
+   cut from the left first; see :mod:`evoray.data.tokenize`) fails the run naming its line/row,
+   or with ``on_bad="skip"`` is left out and counted (log and ``meta.json``).
+3. **Plan batches** on the driver from the token counts alone: candidates sorted by (length,
+   row), cut into batches of ``batch_size``. Sorting by length keeps padding small, and since the
+   batches depend only on the data, a candidate is computed in the same batch with the same
+   padding whatever the number of actors or blocks: its feature is bit-identical.
+4. **Extract** with ``groupby("batch").map_groups(FeatureActor, compute=ActorPoolStrategy(size=n))``
+   (Ray's map_batches over batch-sorted blocks, one planned batch a call), ``num_gpus`` and
+   ``num_cpus`` per actor from the config. Each actor loads the model once.
+5. **Write** Parquet under a temporary name, then ``meta.json``, then rename to the final name.
+
+If the output folder already holds features whose ``input_hash`` (pool bytes, model, adapter,
+Adam state and every setting that changes a feature) matches, they are reused and nothing runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from evoray import __version__
+from evoray.config import FeaturesConfig, config_to_dict
+from evoray.data.features import META_FILE, features_table, read_features_meta
+from evoray.data.io import detect_format, resolve
+from evoray.errors import EvorayError, RecordError
+
+log = logging.getLogger("evoray.features")
+
+__all__ = ["featurize", "input_hash"]
+
+# Settings that do not change a feature's value (only speed or placement).
+_NOT_HASHED = {"num_actors", "num_gpus", "num_cpus", "batch_size", "proj_block_mb",
+               "proj_cache_mb", "on_bad"}
+
+
+def _hash_path(h, path: str | None) -> None:
+    """Feed a file's bytes, or a folder's files (names and bytes), into ``h``."""
+    if path is None:
+        h.update(b"<none>")
+        return
+    fs, p = resolve(path)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.Directory:
+        files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(p, recursive=True))
+                       if i.type == pafs.FileType.File)
+    else:
+        files = [p]
+    for f in files:
+        h.update(os.path.relpath(f, p).encode())
+        with fs.open_input_stream(f) as stream:
+            while chunk := stream.read(1 << 24):
+                h.update(chunk)
+
+
+def input_hash(pool: str, model: str, adapter: str | None, adam_state: str | None,
+               cfg: FeaturesConfig, dim: int) -> str:
+    """Content hash of everything a features folder depends on."""
+    h = hashlib.sha256()
+    _hash_path(h, pool)
+    h.update(model.encode())
+    if os.path.isdir(os.path.expanduser(model)):
+        _hash_path(h, os.path.join(os.path.expanduser(model), "config.json"))
+    _hash_path(h, adapter)
+    _hash_path(h, adam_state)
+    settings = {k: v for k, v in config_to_dict(cfg).items() if k not in _NOT_HASHED}
+    h.update(json.dumps({**settings, "dim": dim, "version": __version__},
+                        sort_keys=True).encode())
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model: str, cache_dir: str | None):
+    from evoray.models import load_tokenizer
+
+    return load_tokenizer(model, cache_dir=cache_dir)
+
+
+def _tokenize(batch: dict, model: str, max_length: int, cache_dir: str | None) -> pa.Table:
+    """Ray Data UDF: ``(id, prompt, response)`` → ``(id, input_ids, n_context, length, status)``;
+    ``status`` is empty, or why the candidate cannot be used."""
+    from evoray.data.tokenize import _special_prefix, encode_pair
+
+    tok = _tokenizer(model, cache_dir)
+    prefix = _special_prefix(tok)
+    ids, toks, n_ctx, status = [], [], [], []
+    for i, p, r in zip(batch["id"], batch["prompt"], batch["response"], strict=True):
+        ids.append(str(i))
+        try:
+            e = encode_pair(tok, p, r, max_length, prefix=prefix)
+        except EvorayError as err:
+            toks.append([])
+            n_ctx.append(0)
+            status.append(str(err))
+            continue
+        toks.append(e.input_ids)
+        n_ctx.append(len(e.input_ids) - e.n_response_tokens)
+        status.append("" if e.n_response_tokens else "the response is empty after tokenization")
+    return pa.table({"id": ids, "input_ids": pa.array(toks, pa.list_(pa.int32())),
+                     "n_context": pa.array(n_ctx, pa.int32()),
+                     "length": pa.array([len(t) for t in toks], pa.int32()), "status": status})
+
+
+def _assign_batch(batch: dict, sorted_ids: np.ndarray, rows: np.ndarray,
+                  batches: np.ndarray) -> dict:
+    """Ray Data UDF: add ``row`` and ``batch`` from the driver's plan (looked up by id)."""
+    ids = batch["id"].astype(str)
+    pos = np.searchsorted(sorted_ids, ids)
+    return {"id": ids, "input_ids": batch["input_ids"], "n_context": batch["n_context"],
+            "row": rows[pos], "batch": batches[pos]}
+
+
+class FeatureActor:
+    """Ray Data actor: one :class:`FeatureExtractor` (model loaded once), one planned batch a
+    call; returns the batch's rows in the features schema."""
+
+    def __init__(self, model: str, cfg: dict, adapter: str | None, adam_state: str | None,
+                 cache_dir: str | None, pad_token_id: int):
+        import torch
+
+        from evoray.features.extract import FeatureExtractor
+        from evoray.models import load_model
+
+        self.cfg = FeaturesConfig(**cfg)
+        device = "cuda" if self.cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        if device == "cpu":  # a fixed thread count, so kernels (and bits) do not vary by actor
+            torch.set_num_threads(max(1, int(self.cfg.num_cpus)))
+        base, tok = load_model(model, cache_dir=cache_dir)
+        self.extractor = FeatureExtractor(base, tok, self.cfg, adapter=adapter,
+                                          adam_state=adam_state, device=device)
+        self.pad = pad_token_id
+
+    def __call__(self, group: dict) -> pa.Table:
+        import torch
+
+
+        order = np.argsort(group["row"], kind="stable")  # within-batch order fixed by the data
+        rows, ids = group["row"][order], group["id"][order]
+        seqs = [np.asarray(group["input_ids"][i], np.int64) for i in order]
+        n_ctx = group["n_context"][order]
+        T = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), T), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        labels = torch.full((len(seqs), T), -100, dtype=torch.long)
+        for n, s in enumerate(seqs):
+            input_ids[n, :len(s)] = torch.from_numpy(s)
+            mask[n, :len(s)] = 1
+            labels[n, n_ctx[n]:len(s)] = torch.from_numpy(s[n_ctx[n]:])
+        feats, norms, losses = self.extractor(
+            {"input_ids": input_ids, "attention_mask": mask, "labels": labels}, ids=ids)
+        if self.cfg.dtype == "float16":
+            feats = feats.astype(np.float16)
+        table = features_table(ids, rows, feats, norms, losses)
+        info = self.extractor.info()  # per-row copies of two numbers, summarised by the driver
+        table = table.append_column("peak_mb", pa.array(
+            np.full(len(ids), info["projection_peak_mb"], np.int32)))
+        return table.append_column("a_skipped", pa.array(np.full(len(ids), info["a_skipped"])))
+
+
+def _unwrap(e: Exception) -> Exception:
+    """The evoray error inside a Ray task/actor failure, if there is one."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, EvorayError):
+            return seen
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    return e
+
+
+def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
+              cfg: FeaturesConfig | None = None, *, out: str | None = None,
+              kind: str = "candidate", adam_state: str | None = None,
+              cache_dir: str | None = None, progress: bool = False) -> str:
+    """Compute the features of every candidate of ``pool_path`` on Ray Data.
+
+    Args:
+        pool_path: JSONL or Parquet records (candidates, or targets with ``kind="target"``).
+        model_spec: base model (see :func:`evoray.models.load_model`).
+        adapter: LoRA adapter folder for the proxy; None = a fresh LoRA.
+        cfg: features settings (``batch_size`` must be an int: it is Ray's batch size).
+        out: output folder (default: ``<pool without extension>.features``).
+        kind: record kind of the file.
+        adam_state: Adam moments (:func:`evoray.features.extract.save_adam_state`) to
+            precondition with; refused for targets (ALGORITHMS.md §2).
+        cache_dir: model cache.
+        progress: show Ray Data's progress bars.
+
+    Returns:
+        The features folder (see :mod:`evoray.data.features`).
+    """
+    import ray
+    import ray.data
+
+    from evoray.data.features import write_folder_atomically
+    from evoray.data.io import read_dataset
+    from evoray.features.extract import default_dim
+    from evoray.models import load_tokenizer
+    from evoray.ray_utils import init_ray
+
+    cfg = cfg or FeaturesConfig()
+    if adam_state and kind != "candidate":
+        raise EvorayError("Adam preconditioning is for candidates only: target features use "
+                          "plain gradients")
+    fmt = detect_format(pool_path)
+    out = out or os.path.splitext(pool_path.rstrip("/"))[0] + ".features"
+    dim = default_dim(cfg, "cuda" if cfg.num_gpus > 0 else "cpu")
+    digest = input_hash(pool_path, model_spec, adapter, adam_state, cfg, dim)
+    if read_features_meta(out).get("input_hash") == digest:
+        log.info("features of %s reused from %s", pool_path, out)
+        return out
+
+    started = init_ray(quiet=not progress)
+    t0 = time.perf_counter()
+    try:
+        ctx = ray.data.DataContext.get_current()
+        preserve = ctx.execution_options.preserve_order
+        ctx.execution_options.preserve_order = True
+        try:
+            records = read_dataset(pool_path, kind, columns=["id", "prompt", "response"])
+            tokens = records.map_batches(
+                _tokenize, fn_kwargs={"model": model_spec, "max_length": cfg.max_length,
+                                      "cache_dir": cache_dir},
+                batch_size=256, batch_format="numpy")
+            tokens = tokens.materialize()
+            plan = tokens.select_columns(["id", "length", "status"]).to_pandas()
+        finally:
+            ctx.execution_options.preserve_order = preserve
+        bad = np.flatnonzero(plan["status"].to_numpy() != "")
+        if len(bad) and cfg.on_bad == "error":
+            r = int(bad[0])
+            where = {"line": r + 1} if fmt == "jsonl" else {"row": r + 1}
+            raise RecordError(pool_path, f"candidate {plan['id'][r]!r}: {plan['status'][r]} "
+                              f"({len(bad)} such candidate(s); features.on_bad=skip leaves "
+                              f"them out)", field="response", **where)
+        if len(bad):
+            log.warning("features: %d candidate(s) skipped (response does not fit "
+                        "max_length=%d)", len(bad), cfg.max_length)
+        keep = np.flatnonzero(plan["status"].to_numpy() == "")
+        lengths = plan["length"].to_numpy()[keep]
+        order = keep[np.lexsort((keep, lengths))]
+        batch_of = np.empty(len(plan), np.int64)
+        batch_of[order] = np.arange(len(order)) // cfg.batch_size
+        ids = plan["id"].to_numpy().astype(str)
+        by_id = np.argsort(ids, kind="stable")
+        pad = load_tokenizer(model_spec, cache_dir=cache_dir).pad_token_id
+
+        ds = tokens.filter(expr="status == ''") if len(bad) else tokens
+        ds = ds.map_batches(_assign_batch, batch_format="numpy", fn_kwargs={
+            "sorted_ids": ids[by_id], "rows": by_id.astype(np.int64),
+            "batches": batch_of[by_id]})
+        feats = ds.groupby("batch").map_groups(
+            FeatureActor, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+            num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+            fn_constructor_kwargs={"model": model_spec, "cfg": config_to_dict(cfg),
+                                   "adapter": adapter, "adam_state": adam_state,
+                                   "cache_dir": cache_dir, "pad_token_id": pad})
+
+        def fill(tmp: str, fs: pafs.FileSystem) -> None:
+            written = feats.materialize()
+            stats = written.select_columns(["peak_mb", "a_skipped"]).to_pandas()
+            written.drop_columns(["peak_mb", "a_skipped"]).write_parquet(tmp, filesystem=fs)
+            meta = {
+                "model": model_spec, "adapter": adapter, "adam_state": adam_state,
+                "kind": kind, "pool": pool_path, "input_hash": digest, "dim": dim,
+                "dtype": cfg.dtype, "evoray_version": __version__,
+                "count": len(order), "skipped": len(bad),
+                "skipped_ids": [str(plan["id"][i]) for i in bad[:100]],
+                "settings": config_to_dict(cfg),
+                "projection_peak_mb": int(stats["peak_mb"].max()) if len(stats) else 0,
+                "a_skipped": bool(stats["a_skipped"].all()) if len(stats) else None,
+                "layers": _lora_layers(model_spec, cfg, adapter, cache_dir),
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+            with fs.open_output_stream(f"{tmp}/{META_FILE}") as f:
+                f.write(json.dumps(meta, indent=2, sort_keys=True).encode())
+
+        try:
+            write_folder_atomically(out, fill)
+        except Exception as e:  # Ray wraps a UDF's error: surface evoray's own message
+            inner = _unwrap(e)
+            if inner is e:
+                raise
+            raise inner from None
+    finally:
+        if started:
+            ray.shutdown()
+    log.info("features of %d candidates written to %s in %.1f s", len(order), out,
+             time.perf_counter() - t0)
+    return out
+
+
+def _lora_layers(model: str, cfg: FeaturesConfig, adapter: str | None,
+                 cache_dir: str | None) -> list[str]:
+    """Names of the proxy's LoRA-adapted modules, from an empty (meta-device) copy of the model."""
+    import torch
+    from peft import LoraConfig, PeftConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from evoray.features.grads import lora_pairs
+    from evoray.models import load_model, smollm2_dir
+
+    with torch.device("meta"):
+        if model.startswith("tiny-"):
+            base, _ = load_model(model)
+        else:
+            source = str(smollm2_dir(cache_dir)) if model == "smollm2-135m" else model
+            base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+        config = PeftConfig.from_pretrained(adapter) if adapter else LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.target_modules))
+        return [p.name for p in lora_pairs(get_peft_model(base, config))]
