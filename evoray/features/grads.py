@@ -34,6 +34,10 @@ import torch.nn.functional as F
 from evoray.data.tokenize import IGNORE
 from evoray.errors import ModelError
 
+# transformers 5 deprecates an attribute that peft 0.21 still reads when it wraps a model: the
+# warning is about those two libraries, not the user's code.
+warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+
 __all__ = ["LoraPair", "attach_lora", "lora_pairs", "per_sample_losses", "BatchedGradients",
            "reference_gradients", "adam_precondition"]
 
@@ -51,6 +55,26 @@ class LoraPair:
         return f"{self.name}.lora_A", f"{self.name}.lora_B"
 
 
+def lora_config(model, *, r: int, alpha: float, target_modules):
+    """A fresh LoRA's peft config (dropout 0) for ``model``.
+
+    Raises:
+        ModelError: when a target module is not in the model, listing the linear layers it has.
+    """
+    from peft import LoraConfig
+
+    linears = {n.rsplit(".", 1)[-1]: type(m).__name__ for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"}
+    missing = [t for t in target_modules if t not in linears]
+    if missing:
+        raise ModelError(f"target modules {missing} are not in the model; its linear layers "
+                         f"are: {', '.join(sorted(linears))}")
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules),
+                      bias="none", task_type="CAUSAL_LM",
+                      # GPT-2's Conv1D stores its weight transposed
+                      fan_in_fan_out=any(linears[t] == "Conv1D" for t in target_modules))
+
+
 def attach_lora(model, *, r: int = 8, alpha: float = 32.0,
                 target_modules: list[str] | tuple[str, ...] = ("q_proj", "k_proj", "v_proj",
                                                                "o_proj"),
@@ -63,7 +87,7 @@ def attach_lora(model, *, r: int = 8, alpha: float = 32.0,
         ModelError: when a target module is not in the model (the valid names are listed), or the
             adapter folder cannot be loaded.
     """
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
 
     if adapter is not None:
         try:
@@ -72,18 +96,9 @@ def attach_lora(model, *, r: int = 8, alpha: float = 32.0,
             raise ModelError(f"adapter {adapter!r} could not be loaded: "
                              f"{str(e).splitlines()[0]}") from None
     else:
-        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                               if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})
-        missing = [t for t in target_modules if t not in linear_names]
-        if missing:
-            raise ModelError(f"target modules {missing} are not in the model; its linear layers "
-                             f"are: {', '.join(linear_names)}")
-        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
-                            target_modules=list(target_modules), bias="none",
-                            task_type="CAUSAL_LM")
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        config = lora_config(model, r=r, alpha=alpha, target_modules=target_modules)
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
             peft_model = get_peft_model(model, config)
     for p in peft_model.parameters():
         p.requires_grad_(False)

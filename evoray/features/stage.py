@@ -171,13 +171,14 @@ class FeatureActor:
         return table.append_column("a_skipped", pa.array(np.full(len(ids), info["a_skipped"])))
 
 
-def _unwrap(e: Exception) -> Exception:
-    """The evoray error inside a Ray task/actor failure, if there is one."""
-    seen = e
-    while seen is not None:
-        if isinstance(seen, EvorayError):
-            return seen
-        seen = getattr(seen, "cause", None) or seen.__cause__
+def _unwrap(e: BaseException) -> BaseException:
+    """The error a Ray task or actor raised, out of Ray's wrappers (``RayTaskError(X)`` keeps the
+    original ``X`` in ``cause``)."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        return _unwrap(cause)
+    if e.__cause__ is not None and not isinstance(e, EvorayError):
+        return _unwrap(e.__cause__)
     return e
 
 
@@ -223,6 +224,7 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
         log.info("features of %s reused from %s", pool_path, out)
         return out
 
+    layers = _lora_layers(model_spec, cfg, adapter, cache_dir)  # fails fast on a wrong model
     started = init_ray(quiet=not progress)
     t0 = time.perf_counter()
     try:
@@ -277,13 +279,14 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
             meta = {
                 "model": model_spec, "adapter": adapter, "adam_state": adam_state,
                 "kind": kind, "pool": pool_path, "input_hash": digest, "dim": dim,
+                "seed": cfg.seed,
                 "dtype": cfg.dtype, "evoray_version": __version__,
                 "count": len(order), "skipped": len(bad),
                 "skipped_ids": [str(plan["id"][i]) for i in bad[:100]],
                 "settings": config_to_dict(cfg),
                 "projection_peak_mb": int(stats["peak_mb"].max()) if len(stats) else 0,
                 "a_skipped": bool(stats["a_skipped"].all()) if len(stats) else None,
-                "layers": _lora_layers(model_spec, cfg, adapter, cache_dir),
+                "layers": layers,
                 "seconds": round(time.perf_counter() - t0, 2),
             }
             with fs.open_output_stream(f"{tmp}/{META_FILE}") as f:
@@ -293,9 +296,9 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
             write_folder_atomically(out, fill)
         except Exception as e:  # Ray wraps a UDF's error: surface evoray's own message
             inner = _unwrap(e)
-            if inner is e:
-                raise
-            raise inner from None
+            if isinstance(inner, EvorayError):
+                raise inner from None
+            raise
     finally:
         if started:
             ray.shutdown()
@@ -308,10 +311,10 @@ def _lora_layers(model: str, cfg: FeaturesConfig, adapter: str | None,
                  cache_dir: str | None) -> list[str]:
     """Names of the proxy's LoRA-adapted modules, from an empty (meta-device) copy of the model."""
     import torch
-    from peft import LoraConfig, PeftConfig, get_peft_model
+    from peft import PeftConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from evoray.features.grads import lora_pairs
+    from evoray.features.grads import lora_config, lora_pairs
     from evoray.models import load_model, smollm2_dir
 
     with torch.device("meta"):
@@ -320,6 +323,6 @@ def _lora_layers(model: str, cfg: FeaturesConfig, adapter: str | None,
         else:
             source = str(smollm2_dir(cache_dir)) if model == "smollm2-135m" else model
             base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
-        config = PeftConfig.from_pretrained(adapter) if adapter else LoraConfig(
-            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.target_modules))
+        config = PeftConfig.from_pretrained(adapter) if adapter else lora_config(
+            base, r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=cfg.target_modules)
         return [p.name for p in lora_pairs(get_peft_model(base, config))]

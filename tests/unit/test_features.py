@@ -1,0 +1,209 @@
+"""Gradient features without Ray: batched per-sample gradients, Adam, projection, extractor."""
+
+import numpy as np
+import pytest
+import torch
+
+from evoray.config import FeaturesConfig
+from evoray.data import collate, encode_pair
+from evoray.errors import ModelError
+from evoray.features.extract import FeatureError, FeatureExtractor, save_adam_state
+from evoray.features.grads import (
+    BatchedGradients,
+    adam_precondition,
+    attach_lora,
+    lora_pairs,
+    reference_gradients,
+)
+from evoray.features.projection import RademacherProjector
+from evoray.models import load_model
+
+TARGETS = {"tiny-llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+           "tiny-gpt2": ["c_attn", "c_proj"]}
+PROMPTS = ["What is 17 + 25?", "Convert 3 km to m. Choices: A 30, B 300, C 3000, D 30000.",
+           "Which day comes 10 days after Monday?", "Is 7 kg more than 7000 g?",
+           "12 * 12 =", "Compare 0.5 and 1/3.", "How many minutes are in 2.5 hours? Think.",
+           "Answer with one letter."]
+
+
+def _trained_adapter(name, tmp_path, seed=1):
+    """An adapter folder whose B matrices are non-zero, as after training."""
+    base, _ = load_model(name)
+    model = attach_lora(base, target_modules=TARGETS[name])
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pair in lora_pairs(model):
+            pair.B.weight.copy_(0.05 * torch.randn(pair.B.weight.shape, generator=gen))
+    model.save_pretrained(tmp_path / "adapter")
+    return str(tmp_path / "adapter")
+
+
+def _batch(tok, n, same_length=False):
+    prompts = [PROMPTS[0]] * n if same_length else PROMPTS[:n]
+    return collate([encode_pair(tok, p, "B", 64) for p in prompts], tok.pad_token_id)
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+@pytest.mark.parametrize("trained", [False, True], ids=["fresh", "trained"])
+@pytest.mark.parametrize("batch_size,same_length", [(1, False), (3, False), (8, False),
+                                                    (3, True), (8, True)])
+def test_batched_gradients_equal_reference(name, trained, batch_size, same_length, tmp_path):
+    adapter = _trained_adapter(name, tmp_path) if trained else None
+    base, tok = load_model(name)
+    model = attach_lora(base, target_modules=TARGETS[name], adapter=adapter)
+    batch = _batch(tok, batch_size, same_length)
+    if batch_size > 1:
+        assert same_length == bool(batch["attention_mask"].all())
+    batched = BatchedGradients(model)
+    assert batched.a_skipped == (not trained)
+    grads, losses = batched(batch)
+    ref, ref_losses = reference_gradients(model, batch)
+    assert torch.allclose(losses, ref_losses, rtol=1e-5)
+    for g, r in zip(grads, ref, strict=True):
+        if g is None:  # an A matrix of a fresh adapter: its true gradient is zero
+            assert not trained and r.abs().max() == 0
+        else:
+            assert g.shape == r.shape
+            assert _rel(g, r) < 1e-5
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_losses_are_per_sample_token_means():
+    base, tok = load_model("tiny-llama")
+    model = attach_lora(base)
+    batch = _batch(tok, 3)
+    _, losses = BatchedGradients(model)(batch)
+    for n in range(3):
+        length = int(batch["attention_mask"][n].sum())
+        out = model(input_ids=batch["input_ids"][n:n + 1, :length],
+                    labels=batch["labels"][n:n + 1, :length])
+        assert losses[n].item() == pytest.approx(out.loss.item(), rel=1e-5)
+
+
+def test_missing_target_modules_name_the_valid_ones():
+    base, _ = load_model("tiny-gpt2")
+    with pytest.raises(ModelError, match=r"\['q_proj'.*not in the model.*c_attn"):
+        attach_lora(base, target_modules=["q_proj", "v_proj"])
+
+
+def test_fresh_lora_is_seeded():
+    a = [p.A.weight for p in lora_pairs(attach_lora(load_model("tiny-llama")[0], seed=3))]
+    b = [p.A.weight for p in lora_pairs(attach_lora(load_model("tiny-llama")[0], seed=3))]
+    c = [p.A.weight for p in lora_pairs(attach_lora(load_model("tiny-llama")[0], seed=4))]
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(a[0], c[0])
+
+
+def test_adam_preconditioning_matches_the_formula():
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(2, 3, 4, generator=gen)
+    m, v = torch.randn(3, 4, generator=gen), torch.rand(3, 4, generator=gen)
+    out = adam_precondition([g, None], [(m, v), (m, v)])
+    for n in range(2):
+        for i in range(3):
+            for j in range(4):
+                m2 = 0.9 * m[i, j].item() + 0.1 * g[n, i, j].item()
+                v2 = 0.999 * v[i, j].item() + 0.001 * g[n, i, j].item() ** 2
+                assert out[0][n, i, j].item() == pytest.approx(m2 / (v2 + 1e-8) ** 0.5, rel=1e-5)
+    assert out[1] is None
+
+
+def test_extractor_adam_state_roundtrip(tmp_path):
+    """save_adam_state → FeatureExtractor(adam_state=...) projects the preconditioned gradient."""
+    adapter = _trained_adapter("tiny-llama", tmp_path)
+    base, tok = load_model("tiny-llama")
+    model = attach_lora(base, adapter=adapter)
+    params = [w for p in lora_pairs(model) for w in (p.A.weight, p.B.weight)]
+    for w in params:
+        w.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=1e-3)
+    batch = _batch(tok, 2)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                labels=batch["labels"])
+    out.loss.backward()
+    opt.step()
+    save_adam_state(opt, model, str(tmp_path / "adam.safetensors"))
+    state = [(opt.state[w]["exp_avg"].clone(), opt.state[w]["exp_avg_sq"].clone()) for w in params]
+
+    cfg = FeaturesConfig(dim=64)
+    ext = FeatureExtractor(load_model("tiny-llama")[0], tok, cfg, adapter=adapter,
+                           adam_state=str(tmp_path / "adam.safetensors"))
+    feats, norms, _ = ext(batch)
+    plain = FeatureExtractor(load_model("tiny-llama")[0], tok, cfg, adapter=adapter)
+    grads, _ = plain.grads(batch)
+    pre = adam_precondition(grads, state)
+    expected = plain.projector.project(pre).numpy()
+    assert np.allclose(feats, expected, rtol=1e-4, atol=1e-6)
+    flat = torch.cat([p.reshape(2, -1) for p in pre], 1)
+    assert np.allclose(norms, flat.norm(dim=1).numpy(), rtol=1e-5)
+
+
+def test_projection_preserves_inner_products():
+    """JL: 200 random unit vectors in 20,000 dims projected to 1024 keep their inner products
+    within a few standard deviations (sd ≈ sqrt((1 + <x,y>²) / d))."""
+    d, n = 1024, 200
+    x = torch.randn(n, 20_000, generator=torch.Generator().manual_seed(0))
+    x[1::2] += 0.5 * x[0::2]  # some correlated pairs, not only near-orthogonal ones
+    x = x / x.norm(dim=1, keepdim=True)
+    sizes = [12_000, 8_000]
+    y = RademacherProjector(sizes, d, seed=7, block_mb=16).project(list(x.split(sizes, 1)))
+    exact, approx = x @ x.T, y @ y.T
+    sd = torch.sqrt((1 + exact**2) / d)
+    err = (approx - exact).abs() / sd
+    assert err.max() < 5.5  # 19,900 pairs: a 5.5-sd excursion has probability ~1e-3 in total
+    assert (err < 2).float().mean() > 0.93
+    assert ((y.norm(dim=1) - 1).abs() < 0.15).all()
+
+
+def test_projection_is_seeded_and_blockwise():
+    sizes = [9000, 300, 5000]
+    g = [torch.randn(5, s, generator=torch.Generator().manual_seed(s)) for s in sizes]
+    small = RademacherProjector(sizes, 32, seed=1, block_mb=0.5)
+    assert small.block_rows == 4096 and small.cached
+    big = RademacherProjector(sizes, 32, seed=1, block_mb=64, cache_mb=0)
+    assert not big.cached
+    a, b = small.project(g), big.project(g)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)  # same R, other summation blocks
+    assert not torch.allclose(a, RademacherProjector(sizes, 32, seed=2).project(g), atol=1e-2)
+    assert torch.equal(a, small.project(g))  # cached blocks give the same bits
+    assert big.peak_bytes == 4 * 32 * 9000  # one block at a time, never the whole R
+    # a skipped (zero) parameter projects like an explicit zero block
+    z = [torch.zeros_like(g[0]), g[1], g[2]]
+    assert torch.equal(small.project([None, g[1], g[2]]), small.project(z))
+
+
+def test_projection_of_a_sample_does_not_depend_on_its_batch():
+    sizes = [20_000]
+    g = torch.randn(11, 20_000, generator=torch.Generator().manual_seed(0))
+    proj = RademacherProjector(sizes, 256, seed=0)
+    alone = proj.project([g[3:4]])
+    for batch in (g, g[:5], g[3:], g[[7, 3]]):
+        row = {11: 3, 5: 3, 8: 0, 2: 1}[len(batch)]
+        assert torch.equal(proj.project([batch])[row], alone[0])
+
+
+def test_non_finite_loss_names_the_sample():
+    base, tok = load_model("tiny-llama")
+    with torch.no_grad():
+        base.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    ext = FeatureExtractor(base, tok, FeaturesConfig(dim=16))
+    with pytest.raises(FeatureError, match="sample 'c1': non-finite"):
+        ext(_batch(tok, 2), ids=["c1", "c2"])
+
+
+def test_extractor_features_equal_projected_reference():
+    base, tok = load_model("tiny-llama")
+    cfg = FeaturesConfig(dim=128)
+    batched = FeatureExtractor(base, tok, cfg)
+    reference = FeatureExtractor(load_model("tiny-llama")[0], tok, cfg, reference=True)
+    batch = _batch(tok, 5)
+    f1, n1, l1 = batched(batch)
+    f2, n2, l2 = reference(batch)
+    assert batched.a_skipped and not reference.a_skipped
+    rel = np.linalg.norm(f1 - f2, axis=1) / np.linalg.norm(f2, axis=1)
+    assert rel.max() < 1e-5
+    assert np.allclose(n1, n2, rtol=1e-5) and np.allclose(l1, l2, rtol=1e-6)
