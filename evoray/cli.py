@@ -123,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
     demo.add_argument("--out", default="runs/demo")
     demo.set_defaults(func=_cmd_demo)
+
+    from evoray.features.cli import register as register_features
+
+    register_features(sub)
+
+    from evoray.select.cli import register as register_select
+
+    register_select(sub)
     return parser
 
 

@@ -146,7 +146,7 @@ class FeatureExtractor:
             "layers": [p.name for p in self.grads.pairs], "a_skipped": self.a_skipped,
             "adam": self.adam is not None, "gradient_entries": sum(self.grads.sizes),
             "projection_block_rows": self.projector.block_rows,
-            "projection_cached": self.projector.cached,
+            "projection_cached_mb": math.ceil(self.projector.cached_bytes / 2**20),
             "projection_peak_mb": math.ceil(self.projector.peak_bytes / 2**20),
         }
 

@@ -1,21 +1,22 @@
 """Seeded Rademacher (Johnson-Lindenstrauss) projection of flattened gradients, block by block.
 
-The projection of a gradient ``g`` (flattened over its parameters ``p = 0..P-1``) to ``dim`` is
-``g · R / sqrt(dim)`` with ``R`` a ±1 matrix. ``R`` is never built whole: the rows of parameter
-``p`` are drawn in chunks of ``SEED_ROWS``, chunk ``c`` from its own generator seeded by
-``(seed, p, c)`` (numpy PCG64, the same bits on every platform), and products run on blocks of a
-few chunks (``block_mb``), so the block size changes memory and speed but not ``R``. A sample's feature therefore depends only on its own gradient, the seed and the
-parameter layout, never on the batch, shard, actor or device that computed it.
+The projection of a gradient ``g`` (flattened over its parameters ``p = 0..P-1``) to ``dim`` is ``g
+· R / sqrt(dim)`` with ``R`` a ±1 matrix. ``R`` is never built whole: the rows of parameter ``p``
+are drawn in chunks of ``SEED_ROWS``, chunk ``c`` from its own generator seeded by ``(seed, p, c)``
+(numpy PCG64, the same bits on every platform), and products run on blocks of a few chunks
+(``block_mb``), so the block size changes memory and speed but not ``R``. A sample's feature
+therefore depends only on its own gradient, the seed and the parameter layout, never on the batch,
+shard, actor or device that computed it.
 
-Blocks are kept in memory while their total stays under ``cache_mb`` (a ±1 block costs
-``4 · block_rows · dim`` bytes); beyond it they are regenerated on every call, so memory stays at
-one block whatever the adapter size. :attr:`RademacherProjector.peak_bytes` reports the most block
-memory held at once.
+The first blocks are kept in memory up to ``cache_mb`` in total (a block costs ``4 · block_rows ·
+dim`` bytes); the others are regenerated on every call, so memory stays at the cache plus one block
+whatever the adapter size. :attr:`RademacherProjector.peak_bytes` reports the most block memory
+held at once.
 
 Products run on groups of exactly ``ROWS`` samples (the last group padded with zero rows). A BLAS
-kernel's rounding depends on the matrix shapes, so with a varying number of rows a sample's
-feature would change in the last bits (about 1e-6 relative over long gradients) with its batch
-size; with a fixed shape it is bit-identical whatever batch it came in.
+kernel's rounding depends on the matrix shapes, so with a varying number of rows a sample's feature
+would change in the last bits (about 1e-6 relative over long gradients) with its batch size; with a
+fixed shape it is bit-identical whatever batch it came in.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class RademacherProjector:
         seed: seed of ``R``.
         block_mb: size of one block of ``R`` held for a product (rounded to whole ``SEED_ROWS``
             chunks, at least one).
-        cache_mb: keep blocks while their total stays under this; 0 disables the cache.
+        cache_mb: keep blocks in memory up to this total; 0 disables the cache.
         device: where blocks live and the products run.
     """
 
@@ -51,8 +52,8 @@ class RademacherProjector:
         self.sizes, self.dim, self.seed = list(sizes), dim, seed
         self.block_rows = SEED_ROWS * max(1, int(block_mb * 2**20) // (4 * dim * SEED_ROWS))
         self.device = torch.device(device)
-        total = 4 * dim * sum(self.sizes)
-        self.cached = total <= cache_mb * 2**20
+        self.cache_bytes = int(cache_mb * 2**20)
+        self.cached_bytes = 0
         self._cache: dict[tuple[int, int], torch.Tensor] = {}
         self.peak_bytes = 0
         self.scale = 1.0 / math.sqrt(dim)
@@ -71,11 +72,12 @@ class RademacherProjector:
             bits = np.concatenate(parts) if len(parts) > 1 else parts[0]
             block = torch.from_numpy(bits.reshape(rows, self.dim))
             block = block.to(self.device, torch.float32).mul_(2).sub_(1)
-            if self.cached:
+            if self.cached_bytes + 4 * block.numel() <= self.cache_bytes:
                 self._cache[(p, c)] = block
-        held = sum(b.numel() for b in self._cache.values()) * 4
-        self.peak_bytes = max(self.peak_bytes, held if (p, c) in self._cache else
-                              held + block.numel() * 4)
+                self.cached_bytes += 4 * block.numel()
+            else:
+                self.peak_bytes = max(self.peak_bytes, self.cached_bytes + 4 * block.numel())
+        self.peak_bytes = max(self.peak_bytes, self.cached_bytes)
         return block
 
     def project(self, grads: list[torch.Tensor | None]) -> torch.Tensor:

@@ -45,8 +45,8 @@ def test_bit_identical_for_one_or_two_actors(ray_session, pool, two_actors, tmp_
 
 
 def test_batch_size_changes_features_within_1e6(ray_session, pool, tmp_path):
-    a = read_features(featurize(pool, "tiny-llama", cfg=_cfg(batch_size=2), out=str(tmp_path / "2")))
-    b = read_features(featurize(pool, "tiny-llama", cfg=_cfg(batch_size=7), out=str(tmp_path / "7")))
+    a, b = (read_features(featurize(pool, "tiny-llama", cfg=_cfg(batch_size=bs),
+                                    out=str(tmp_path / str(bs)))) for bs in (2, 7))
     rel = np.linalg.norm(a.X - b.X, axis=1) / np.linalg.norm(b.X, axis=1)
     assert rel.max() < 1e-6
     assert not np.array_equal(a.X, np.zeros_like(a.X))

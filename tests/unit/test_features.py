@@ -163,14 +163,17 @@ def test_projection_is_seeded_and_blockwise():
     sizes = [9000, 300, 5000]
     g = [torch.randn(5, s, generator=torch.Generator().manual_seed(s)) for s in sizes]
     small = RademacherProjector(sizes, 32, seed=1, block_mb=0.5)
-    assert small.block_rows == 4096 and small.cached
+    assert small.block_rows == 4096
     big = RademacherProjector(sizes, 32, seed=1, block_mb=64, cache_mb=0)
-    assert not big.cached
     a, b = small.project(g), big.project(g)
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)  # same R, other summation blocks
     assert not torch.allclose(a, RademacherProjector(sizes, 32, seed=2).project(g), atol=1e-2)
     assert torch.equal(a, small.project(g))  # cached blocks give the same bits
-    assert big.peak_bytes == 4 * 32 * 9000  # one block at a time, never the whole R
+    assert small.cached_bytes == small.peak_bytes == 4 * 32 * sum(sizes)  # all of R cached
+    assert big.cached_bytes == 0 and big.peak_bytes == 4 * 32 * 9000  # one block at a time
+    part = RademacherProjector(sizes, 32, seed=1, block_mb=0.5, cache_mb=1)  # fills 1 MiB
+    assert torch.equal(part.project(g), a) and torch.equal(part.project(g), a)
+    assert 0 < part.cached_bytes <= 2**20 < 4 * 32 * sum(sizes)
     # a skipped (zero) parameter projects like an explicit zero block
     z = [torch.zeros_like(g[0]), g[1], g[2]]
     assert torch.equal(small.project([None, g[1], g[2]]), small.project(z))

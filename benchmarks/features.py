@@ -1,0 +1,165 @@
+"""Throughput of gradient features: LESS-style loop vs the batched extractor vs a LoRA train step.
+
+For each model, at sequence length 128 (no padding), on this machine, in one run:
+
+* ``loop``: one forward and one backward per sample (``loss.backward()``, LESS's batch size 1),
+  then that sample's gradient projected with the same projector (created once, blocks cached);
+* ``batched``: :class:`evoray.features.extract.FeatureExtractor` on batches of ``--batch``;
+* ``train``: a plain peft LoRA training step (forward, backward, AdamW step) on a batch of 8,
+  the physical floor for gradient work.
+
+Two proxies: ``fresh`` (a new LoRA, B = 0, so the batched extractor skips the A gradients) and
+``trained`` (B != 0, every gradient computed). Prints one table with the ratios batched/loop and
+batched/train. Results also go to ``benchmarks/results/features.json``.
+
+    python benchmarks/features.py [--models tiny-llama smollm2-135m] [--samples 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# Running a script puts its folder first on sys.path, where benchmarks/select.py would shadow the
+# standard library's `select` module (used by subprocess, asyncio, ...).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+
+import torch  # noqa: E402
+
+from evoray.config import FeaturesConfig  # noqa: E402
+from evoray.features.extract import FeatureExtractor  # noqa: E402
+from evoray.features.grads import lora_pairs, reference_gradients  # noqa: E402
+from evoray.features.projection import ROWS  # noqa: E402
+from evoray.models import load_model  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "features.json"
+SEQ, RESPONSE = 128, 16
+
+
+def make_batch(tok, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, len(tok) - 1, (n, SEQ), generator=gen)  # last id: EOS
+    labels = ids.clone()
+    labels[:, :SEQ - RESPONSE] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def extractor(model_name: str, trained: bool, reference: bool = False) -> FeatureExtractor:
+    base, tok = load_model(model_name)
+    ext = FeatureExtractor(base, tok, FeaturesConfig(dim=1024), reference=reference)
+    if trained:  # as after training: B != 0, so no gradient is identically zero
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for pair in lora_pairs(ext.model):
+                pair.B.weight.copy_(0.02 * torch.randn(pair.B.weight.shape, generator=gen))
+        ext.grads.a_skipped = False
+    return ext
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up (which also fills the projection
+    cache); the median resists a neighbour process stealing a core now and then."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def loop_rate(ext: FeatureExtractor, batch, n: int) -> float:
+    """LESS: per sample, forward + backward, then project that one gradient."""
+    proj = ext.projector
+
+    def one(i):
+        sample = {k: v[i:i + 1] for k, v in batch.items()}
+        grads, _ = reference_gradients(ext.model, sample)
+        out = torch.zeros(1, proj.dim)
+        for p, g in enumerate(grads):
+            g = g.reshape(1, -1)
+            for c, start in enumerate(range(0, proj.sizes[p], proj.block_rows)):
+                chunk = g[:, start:start + proj.block_rows]
+                out.addmm_(chunk, proj._block(p, c, chunk.shape[1]))
+        return out
+
+    one(0)
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        one(i)
+        times.append(time.perf_counter() - t0)
+    return 1 / statistics.median(times)
+
+
+def batched_rate(ext: FeatureExtractor, batch, bs: int) -> float:
+    chunks = [{k: v[i:i + bs] for k, v in batch.items()}
+              for i in range(0, batch["input_ids"].shape[0] - bs + 1, bs)]
+    it = iter(chunks * 2)
+    return bs / timed(lambda: ext(next(it)), len(chunks) * 2 - 1)
+
+
+def train_rate(model_name: str, batch, bs: int = 8, repeats: int = 3) -> float:
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = load_model(model_name)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0,
+                                            target_modules=["q_proj", "k_proj", "v_proj",
+                                                            "o_proj"]))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    small = {k: v[:bs] for k, v in batch.items()}
+
+    def step():
+        loss = model(**small).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return bs / timed(step, repeats)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["tiny-llama", "smollm2-135m"])
+    ap.add_argument("--samples", type=int, default=32, help="samples per measurement")
+    ap.add_argument("--batch", type=int, default=16, help="batch size of the batched extractor")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    for name in args.models:
+        tok = load_model(name)[1]
+        batch = make_batch(tok, args.samples)
+        train = train_rate(name, batch)
+        for state in ("fresh", "trained"):
+            ext = extractor(name, state == "trained")
+            loop = loop_rate(ext, batch, min(args.samples, 16))
+            fast = batched_rate(ext, batch, args.batch)
+            rows.append({"model": name, "proxy": state, "loop": loop, "batched": fast,
+                         "train": train, "batched/loop": fast / loop,
+                         "batched/train": fast / train, "gradient_entries": sum(ext.grads.sizes),
+                         "a_skipped": ext.a_skipped,
+                         "projection_cache_mb": round(ext.projector.peak_bytes / 2**20)})
+            print(f"  measured {name} {state}", flush=True)
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps({"seq_len": SEQ, "batch": args.batch, "rows": rows,
+                                   "threads": torch.get_num_threads(), "proj_rows": ROWS},
+                                  indent=2))
+    print(f"\nsamples/s at sequence length {SEQ}, dim 1024, {torch.get_num_threads()} threads; "
+          f"batched extractor at batch {args.batch}, train step at batch 8")
+    head = (f"{'model':<14} {'proxy':<8} {'loop':>8} {'batched':>8} {'train':>8} "
+            f"{'batched/loop':>13} {'batched/train':>14} {'A skipped':>10} {'proj MB':>8}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['model']:<14} {r['proxy']:<8} {r['loop']:>8.1f} {r['batched']:>8.1f} "
+              f"{r['train']:>8.1f} {r['batched/loop']:>12.2f}x {r['batched/train']:>13.2f}x "
+              f"{str(r['a_skipped']):>10} {r['projection_cache_mb']:>8}")
+
+
+if __name__ == "__main__":
+    main()
