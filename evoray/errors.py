@@ -5,7 +5,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["EvorayError", "RecordError", "ConfigError", "ModelError", "did_you_mean"]
+__all__ = ["EvorayError", "RecordError", "ConfigError", "ModelError", "SelectError",
+           "did_you_mean"]
 
 
 class EvorayError(Exception):
@@ -34,6 +35,10 @@ class ConfigError(EvorayError, ValueError):
 
 class ModelError(EvorayError):
     """A model or adapter cannot be found or loaded."""
+
+
+class SelectError(EvorayError, ValueError):
+    """Selection cannot run on these inputs (budget, shapes, non-finite features, ids)."""
 
 
 def did_you_mean(name: str, valid: Iterable[str]) -> str:

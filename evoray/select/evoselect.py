@@ -1,0 +1,279 @@
+"""EvoSelect: OT alignment to the targets, interleaved with greedy diversification.
+
+ALGORITHMS.md §3 fixes this default instantiation (the paper, arXiv 2604.26170, does not publish
+its formulas):
+
+0. centre ``G`` and ``V`` by the pool's mean feature, then row-normalise;
+1. cost ``C_ij = (1 − cos(g_i, v_j)) / 2``;
+2. alignment ``a_i`` = mass candidate i receives in the semi-relaxed entropic OT that enforces the
+   uniform target marginal (:mod:`evoray.select.ot`), or LAVA's calibrated dual gradient;
+3. in ``blocks`` blocks, greedily pick ``argmax (1 − lam)·rank(a_i) + lam·rank(novelty_i)`` with
+   ``novelty_i = 1 − max_{s ∈ S} cos(g_i, g_s)``, ranks among the remaining candidates in [0, 1],
+   novelty updated after every pick; after each block, lower each target's mass by what the
+   block's picks carried (floored, renormalised) and re-solve the OT, warm-started, without the
+   picked candidates.
+
+Scale: the cost is dense (M × N, in blocks) up to ``sparse_above`` candidates and kNN-sparse above
+(each target's ``ot_knn`` nearest candidates, exact brute force through faiss); novelty is a
+dense scan up to ``novelty_dense_max`` candidates and above that updates only the ``novelty_knn``
+nearest neighbours of each pick, found in a faiss IVF index. The greedy step never sorts the pool:
+ranks are counted from a sorted array of picked positions (alignment order) and a histogram of
+quantised novelty values, and only the top of the alignment order is scanned, as far down as a
+bound proves the best score cannot lie further.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from evoray.select.geometry import UnitRows, ivf_index, knn
+from evoray.select.ot import SemiRelaxedOT, lava_gradient
+from evoray.select.selection import Selection
+
+__all__ = ["evoselect", "Greedy"]
+
+log = logging.getLogger(__name__)
+
+
+class Greedy:
+    """Greedy rank-combined picking with novelty that only decreases as picks accumulate.
+
+    Args:
+        n: number of candidates.
+        lam: weight of the novelty rank, in [0, 1].
+        similar: ``similar(i) -> (rows, cos)``: candidates whose cosine to candidate ``i`` may
+            lower their novelty (all rows for a dense scan, the nearest ones for kNN).
+        bins: novelty values in [0, 2] are ranked after quantisation to this many bins
+            (resolution 2/bins), which keeps a rank update O(bins) instead of O(n log n).
+        redundant_cos: a candidate whose cosine to a pick exceeds this is a near-duplicate and
+            is picked only when no other candidate remains (None: no such rule).
+    """
+
+    def __init__(self, n: int, lam: float, similar, bins: int = 65536,
+                 redundant_cos: float | None = 0.98):
+        self.n, self.lam, self.similar, self.bins = n, lam, similar, bins
+        self.min_novelty = -np.inf if redundant_cos is None else 1.0 - redundant_cos
+        self.alive = np.ones(n, bool)
+        self.novelty = np.ones(n, np.float32)  # 1 while nothing is selected
+        self.bin = self._bin(self.novelty)
+        self.hist = np.bincount(self.bin, minlength=bins)
+        self.width = 64  # scan width of the alignment order, adapted pick by pick
+
+    def _bin(self, x: np.ndarray) -> np.ndarray:
+        return np.minimum((np.clip(x, 0, 2) * (self.bins / 2)).astype(np.int64), self.bins - 1)
+
+    def block(self, align: np.ndarray, count: int) -> dict[str, np.ndarray]:
+        """Pick ``count`` candidates with alignment scores ``align`` (N,), higher = better.
+
+        Returns per-pick arrays: ``index``, ``alignment``, ``novelty`` (raw values at the time of
+        the pick), ``alignment_term`` ``(1 − lam)·rank(a)`` and ``novelty_term``
+        ``lam·rank(novelty)`` (ranks in [0, 1] among the remaining), and ``score`` (their sum).
+        Ties go to the higher alignment, then the lower index.
+        """
+        lam = self.lam
+        order = np.lexsort((np.arange(self.n), -align))  # alignment descending
+        sorted_a = align[order]
+        tie_end = np.searchsorted(-sorted_a, -sorted_a, side="right")  # end of each tie group
+        pos_of = np.empty(self.n, np.int64)
+        pos_of[order] = np.arange(self.n)
+        alive_at = self.alive[order]
+        dead = np.sort(pos_of[~self.alive])
+        out = {k: np.empty(count) for k in ("alignment", "novelty", "alignment_term",
+                                            "novelty_term", "score")}
+        out["index"] = np.empty(count, np.int64)
+        start = 0
+        for t in range(count):
+            n_alive = self.n - len(dead)
+            while not alive_at[start]:
+                start += 1
+            below = np.concatenate([[0], np.cumsum(self.hist)])  # alive with a lower bin
+            rn_max = below[np.flatnonzero(self.hist)[-1]]
+            width = self.width
+            while True:
+                end = min(start + width, self.n)
+                pos = start + np.flatnonzero(alive_at[start:end])
+                cand = order[pos]
+                ra = n_alive - (tie_end[pos] - np.searchsorted(dead, tie_end[pos]))
+                rn = below[self.bin[cand]]
+                score = (1 - lam) * ra + lam * rn
+                score[self.novelty[cand] < self.min_novelty] -= 2 * self.n  # near-duplicates last
+                j = int(np.argmax(score))
+                if end == self.n:
+                    break
+                ra_beyond = n_alive - (end - np.searchsorted(dead, end))
+                if score[j] >= (1 - lam) * ra_beyond + lam * rn_max:
+                    break
+                width *= 2
+            self.width = max(64, width // 2)
+            i, p = int(cand[j]), int(pos[j])
+            scale = 1.0 / max(n_alive - 1, 1)
+            out["index"][t] = i
+            out["alignment"][t] = align[i]
+            out["novelty"][t] = self.novelty[i]
+            out["alignment_term"][t] = (1 - lam) * ra[j] * scale
+            out["novelty_term"][t] = lam * rn[j] * scale
+            out["score"][t] = score[j] * scale
+            self._remove(i)
+            alive_at[p] = False
+            dead = np.insert(dead, np.searchsorted(dead, p), p)
+        return out
+
+    def _remove(self, i: int) -> None:
+        """Mark ``i`` selected and lower the novelty of the candidates similar to it."""
+        self.alive[i] = False
+        self.hist[self.bin[i]] -= 1
+        rows, cos = self.similar(i)
+        new = (1.0 - cos).astype(np.float32)
+        hit = self.alive[rows] & (new < self.novelty[rows])
+        rows, new = rows[hit], new[hit]
+        if len(rows):
+            self.hist -= np.bincount(self.bin[rows], minlength=self.bins)
+            self.novelty[rows] = new
+            self.bin[rows] = self._bin(new)
+            self.hist += np.bincount(self.bin[rows], minlength=self.bins)
+
+
+def _block_sizes(k: int, blocks: int) -> list[int]:
+    edges = np.round(np.linspace(0, k, min(blocks, k) + 1)).astype(int)
+    return [int(x) for x in np.diff(edges)]
+
+
+def evoselect(G: np.ndarray, V: np.ndarray, k: int, *, seed: int = 0, lam: float = 0.25,
+              blocks: int = 10, eps: float = 0.01, tau: float = 0.01, floor: float = 1e-3,
+              center: bool = True, alignment: str = "mass", sparse_above: int = 100_000,
+              ot_knn: int = 1000, novelty: str = "auto", novelty_dense_max: int = 20_000,
+              novelty_knn: int = 64, nlist: int | None = None, nprobe: int = 8,
+              novelty_codec: str = "SQfp16", bins: int = 65536, min_share: float = 0.01,
+              redundant_cos: float | None = 0.98, tol: float = 1e-6,
+              max_iter: int = 5000) -> Selection:
+    """EvoSelect: semi-relaxed OT alignment with blockwise, interleaved diversification.
+
+    Args:
+        G: (N, d) candidate features (float32 or float16), no zero rows.
+        V: (M, d) target features.
+        k: number of candidates to select, 1 <= k <= N.
+        seed: seeds the IVF training sample (the rest is deterministic).
+        lam: trade-off in [0, 1]: 0 = pure OT alignment, 1 = pure farthest-point diversity.
+        blocks: B, number of blocks; the OT is re-solved after each (``min(B, k)`` used).
+        eps: entropic regularisation of the OT, in cost units (costs lie in [0, 1]).
+        tau: KL penalty on the relaxed candidate marginal.
+        floor: lowest target mass after a block, as a fraction of the initial mass 1/M.
+        center: subtract the pool's mean feature from G and V before normalising.
+        alignment: ``"mass"`` (received OT mass, higher = better) or ``"lava"`` (LAVA's
+            calibrated dual gradient of the candidate potential, lower = better; ranked negated).
+        sparse_above: above this many candidates, OT runs on kNN-sparsified costs.
+        ot_knn: candidates kept per target on the sparse path (capped at N).
+        novelty: ``"dense"`` (scan all rows after each pick), ``"knn"`` (faiss IVF neighbours)
+            or ``"auto"`` (dense up to ``novelty_dense_max`` candidates).
+        novelty_knn: neighbours of each pick whose novelty is updated on the kNN path.
+        nlist, nprobe, novelty_codec: the novelty IVF index (default nlist = round(sqrt N)).
+        bins: quantisation of novelty for ranking (resolution 2/bins).
+        min_share: a candidate receiving less OT mass than this fraction of a uniform share
+            (1 / remaining candidates) counts as not aligned at all: its alignment ties at the
+            lowest rank. The sparse path gives exactly zero mass to candidates outside every
+            target's list; this makes the dense path rank them the same way instead of by
+            differences of e^-30-sized masses.
+        redundant_cos: near-duplicate threshold: a candidate with cosine above it to a pick is
+            picked only once no other candidate remains (None: off).
+        tol, max_iter: OT stopping rule (L1 target-marginal violation) and iteration cap.
+
+    Returns:
+        :class:`Selection`. ``scores``: ``alignment`` (first solve, (N,)) and ``novelty`` (after
+        the last pick). ``explain``: raw ``alignment`` and ``novelty`` at the time of each pick,
+        their rank terms ``alignment_term`` and ``novelty_term``, ``score`` and ``block``.
+        ``diagnostics``: per-block OT figures and a ``timing`` split (cost, ot, diversification).
+    """
+    if alignment not in ("mass", "lava"):
+        raise ValueError(f"alignment must be 'mass' or 'lava', got {alignment!r}")
+    if novelty not in ("auto", "dense", "knn"):
+        raise ValueError(f"novelty must be 'auto', 'dense' or 'knn', got {novelty!r}")
+    timing = {"cost": 0.0, "ot": 0.0, "diversification": 0.0}
+    t0 = time.perf_counter()
+    n, m = len(G), len(V)
+    U = UnitRows(G, center=center)
+    Vh = U.targets(V)
+    sparse = n > sparse_above
+    if sparse:
+        sims, idx = knn(Vh, U, min(ot_knn, n))
+        C = ((1.0 - sims) / 2).astype(np.float32)
+    else:
+        idx = None
+        C = np.empty((m, n), np.float32)
+        for s, X in U.iter():
+            C[:, s:s + len(X)] = (1.0 - Vh @ X.T) / 2
+    timing["cost"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    use_dense = novelty == "dense" or (novelty == "auto" and n <= novelty_dense_max)
+    if use_dense:
+        X = U.dense()
+        rows_all = np.arange(n)
+
+        def similar(i: int) -> tuple[np.ndarray, np.ndarray]:
+            return rows_all, X @ X[i]
+    else:
+        index = ivf_index(U, nlist=nlist, nprobe=nprobe, codec=novelty_codec, seed=seed)
+        kk = min(novelty_knn, n)
+
+        def similar(i: int) -> tuple[np.ndarray, np.ndarray]:
+            D, Idx = index.search(U.take([i]), kk)
+            found = Idx[0] >= 0
+            return Idx[0][found], D[0][found]
+    greedy = Greedy(n, lam, similar, bins=bins, redundant_cos=redundant_cos)
+    timing["diversification"] += time.perf_counter() - t0
+
+    solver = SemiRelaxedOT(C, idx, n, eps=eps, tau=tau, tol=tol, max_iter=max_iter)
+    b = np.full(m, 1.0 / m)
+    a = np.full(n, 1.0 / n)
+    reach = np.ones(m, bool)
+    picks, ot_log, first_align = [], [], None
+    sizes = _block_sizes(k, blocks)
+    for block, size in enumerate(sizes):
+        t0 = time.perf_counter()
+        if reach.any():
+            res = solver.solve(b, a)
+            mass = solver.mass()
+            align = mass if alignment == "mass" else -lava_gradient(solver.potentials()[0])
+            align = np.where(mass * np.count_nonzero(a) < min_share, -np.inf, align)
+            ot_log.append({"block": block, "iterations": res.iterations,
+                           "converged": res.converged, "violation": res.violation,
+                           "marginal_err": res.marginal_err, "cost": res.cost,
+                           "targets_left": int((b > 0).sum())})
+        else:  # every target's candidates are picked: no alignment left, novelty decides
+            align = np.full(n, -np.inf)
+        timing["ot"] += time.perf_counter() - t0
+        first_align = align if first_align is None else first_align
+
+        t0 = time.perf_counter()
+        out = greedy.block(align, size)
+        out["block"] = np.full(size, block)
+        picks.append(out)
+        timing["diversification"] += time.perf_counter() - t0
+        if block == len(sizes) - 1:
+            break
+        t0 = time.perf_counter()
+        b = np.maximum(b - solver.carried(out["index"]), floor / m)
+        a[out["index"]] = 0.0
+        a[a > 0] = 1.0 / np.count_nonzero(a)
+        if sparse:  # a target whose listed candidates are all picked has nowhere to send mass
+            reach = (a[idx] > 0).any(axis=1)
+        b = np.where(reach, b, 0.0)
+        b /= max(b.sum(), np.finfo(float).tiny)
+        timing["ot"] += time.perf_counter() - t0
+
+    explain = {key: np.concatenate([p[key] for p in picks]) for key in picks[0]}
+    indices = explain.pop("index")
+    timing["total"] = sum(timing.values())
+    diagnostics = {
+        "ot_cost": ot_log[0]["cost"], "iterations": sum(r["iterations"] for r in ot_log),
+        "converged": all(r["converged"] for r in ot_log),
+        "target_marginal_err": max(r["marginal_err"] for r in ot_log), "ot": ot_log,
+        "sparse": sparse, "novelty": "dense" if use_dense else "knn", "centered": center,
+        "alignment": alignment, "timing": timing,
+    }
+    return Selection(indices=indices, scores={"alignment": first_align,
+                                              "novelty": greedy.novelty.copy()},
+                     explain=explain, diagnostics=diagnostics, method="evoselect")

@@ -1,0 +1,171 @@
+"""Cosine geometry of feature matrices, computed block by block so that no N×N (or, for large
+pools, no N×M) matrix ever exists.
+
+:class:`UnitRows` is a read-only, row-normalised (optionally centred) view of a candidate matrix
+``G``: it keeps ``G`` as given (float32 or float16, never copied) plus one float32 norm per row,
+and hands out normalised float32 blocks on demand. Every selector reads candidates through it.
+Nearest-neighbour searches use faiss: exact brute force (``faiss.knn``, merged over blocks with
+``faiss.ResultHeap``) or an IVF index for large pools.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import faiss
+import numpy as np
+
+__all__ = ["BLOCK_ROWS", "UnitRows", "blocks", "ivf_index", "knn", "unit"]
+
+BLOCK_ROWS = 8192  # rows per block: 32 MiB of float32 at d = 1024
+
+
+def blocks(n: int, size: int = BLOCK_ROWS) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` pairs covering ``range(n)`` in steps of ``size``."""
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
+
+
+def unit(X: np.ndarray, mu: np.ndarray | None = None) -> np.ndarray:
+    """Row-normalised float32 copy of ``X`` (n, d), centred by ``mu`` (d,) first if given.
+
+    Rows of norm zero stay zero.
+    """
+    X = np.asarray(X, dtype=np.float32)
+    if mu is not None:
+        X = X - mu
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    return X / np.maximum(norms, np.finfo(np.float32).tiny)
+
+
+class UnitRows:
+    """Row-normalised view ``ĝ_i = (g_i − mu) / ‖g_i − mu‖`` of ``G`` (N, d), by blocks.
+
+    Args:
+        G: (N, d) float32 or float16 candidate features, kept by reference.
+        center: subtract the pool mean (computed here, in float64) before normalising.
+    """
+
+    def __init__(self, G: np.ndarray, *, center: bool = False):
+        self.G = G
+        self.mu = mean_rows(G) if center else None
+        self.inv_norm = np.empty(len(G), np.float32)
+        for s, e in blocks(len(G)):
+            x = self._raw(s, e)
+            self.inv_norm[s:e] = 1.0 / np.maximum(np.linalg.norm(x, axis=1),
+                                                  np.finfo(np.float32).tiny)
+
+    def __len__(self) -> int:
+        return len(self.G)
+
+    @property
+    def dim(self) -> int:
+        return self.G.shape[1]
+
+    def _raw(self, s: int, e: int) -> np.ndarray:
+        x = self.G[s:e].astype(np.float32)
+        if self.mu is not None:
+            x -= self.mu
+        return x
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Normalised rows ``start:stop`` as a new (stop − start, d) float32 array."""
+        x = self._raw(start, stop)
+        x *= self.inv_norm[start:stop, None]
+        return x
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """Normalised rows ``idx`` (any order) as a new (len(idx), d) float32 array."""
+        idx = np.asarray(idx, dtype=np.int64)
+        x = self.G[idx].astype(np.float32)
+        if self.mu is not None:
+            x -= self.mu
+        x *= self.inv_norm[idx, None]
+        return x
+
+    def dense(self) -> np.ndarray:
+        """All normalised rows, (N, d) float32 (small pools only)."""
+        return self.rows(0, len(self))
+
+    def targets(self, V: np.ndarray) -> np.ndarray:
+        """Targets (M, d) normalised in the same geometry (same centring), float32."""
+        return unit(V, self.mu)
+
+    def iter(self, size: int = BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start, normalised block)`` pairs over all rows."""
+        for s, e in blocks(len(self), size):
+            yield s, self.rows(s, e)
+
+
+def mean_rows(G: np.ndarray) -> np.ndarray:
+    """Mean row of ``G`` (N, d), accumulated in float64 by blocks; returned as float32."""
+    total = np.zeros(G.shape[1], np.float64)
+    for s, e in blocks(len(G)):
+        total += G[s:e].sum(axis=0, dtype=np.float64)
+    return (total / len(G)).astype(np.float32)
+
+
+def knn(Q: np.ndarray, base: UnitRows, k: int, *, metric: str = "ip",
+        subset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest rows of ``base`` for each query, by brute force over blocks.
+
+    Args:
+        Q: (m, d) float32 queries, normalised in ``base``'s geometry.
+        base: the rows searched.
+        k: neighbours per query (at most the number of rows searched).
+        metric: ``"ip"`` (largest inner product = cosine first) or ``"l2"`` (smallest squared
+            Euclidean distance first).
+        subset: search only these rows of ``base`` (returned indices still index ``base``).
+
+    Returns:
+        ``(D, I)``, both (m, k): similarities (ip) or squared distances (l2), best first, and
+        row indices into ``base``.
+    """
+    ip = metric == "ip"
+    faiss_metric = faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2
+    Q = np.ascontiguousarray(Q, dtype=np.float32)
+    rows = np.arange(len(base)) if subset is None else np.asarray(subset, np.int64)
+    heap = faiss.ResultHeap(len(Q), k, keep_max=ip)
+    for s, e in blocks(len(rows)):
+        part = rows[s:e]
+        X = base.rows(int(part[0]), int(part[-1]) + 1) if subset is None else base.take(part)
+        D, Idx = faiss.knn(Q, X, min(k, len(part)), metric=faiss_metric)
+        if D.shape[1] < k:  # a short last block: pad with results that never win
+            pad = np.full((len(Q), k - D.shape[1]), -np.inf if ip else np.inf, np.float32)
+            D = np.hstack([D, pad])
+            Idx = np.hstack([Idx, np.full(pad.shape, -1, np.int64)])
+        found = Idx >= 0
+        heap.add_result(np.ascontiguousarray(D, np.float32),
+                        np.ascontiguousarray(np.where(found, part[np.maximum(Idx, 0)], -1)))
+    heap.finalize()
+    return heap.D, heap.I
+
+
+def ivf_index(base: UnitRows, *, nlist: int | None = None, nprobe: int = 8,
+              codec: str = "SQfp16", metric: str = "ip", train_rows: int = 64,
+              seed: int = 0, subset: np.ndarray | None = None) -> faiss.Index:
+    """An IVF index over (a subset of) ``base``'s normalised rows, built block by block.
+
+    Args:
+        nlist: inverted lists; default ``round(sqrt(n))``.
+        nprobe: lists scanned per query.
+        codec: faiss storage codec: ``"Flat"`` (float32), ``"SQfp16"`` (half the memory) or
+            ``"SQ8"`` (a quarter).
+        metric: ``"ip"`` or ``"l2"``.
+        train_rows: training rows per list (sampled with ``seed``), as faiss recommends 30-256.
+        subset: index only these rows (ids in the index are then positions in ``subset``).
+    """
+    rows = np.arange(len(base)) if subset is None else np.asarray(subset, np.int64)
+    n = len(rows)
+    nlist = nlist or max(1, int(round(np.sqrt(n))))
+    faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+    index = faiss.index_factory(base.dim, f"IVF{nlist},{codec}", faiss_metric)
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(n, size=min(n, train_rows * nlist), replace=False))
+    ivf = faiss.extract_index_ivf(index)
+    ivf.cp.seed = seed
+    index.train(base.take(rows[sample]))
+    for s, e in blocks(n):
+        index.add(base.take(rows[s:e]))
+    ivf.nprobe = nprobe
+    return index

@@ -1,0 +1,127 @@
+"""Selection outputs: ``selected.parquet``, ``summary.json`` and the selected pool records."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from evoray.data.io import _read_bytes, atomic_write_bytes, detect_format, write_records
+from evoray.data.records import validate_records
+from evoray.errors import RecordError, SelectError
+from evoray.select.selection import Selection
+
+__all__ = ["selection_table", "write_selection", "join_pool"]
+
+log = logging.getLogger(__name__)
+
+
+def selection_table(sel: Selection, ids: np.ndarray, target_ids: np.ndarray) -> pa.Table:
+    """One row per selected candidate, in rank order: ``id``, ``rank`` (1 = best), ``count``,
+    ``alignment``, ``novelty``, the method's other per-pick terms, ``nearest_targets`` (3 target
+    ids) and ``nearest_cos``, then the method's per-candidate scores of the selected rows."""
+    cols: dict[str, pa.Array] = {
+        "id": pa.array(np.asarray(ids)[sel.indices].astype(str), pa.string()),
+        "rank": pa.array(np.arange(1, len(sel) + 1, dtype=np.int64)),
+    }
+    ex = sel.explain
+    for name, col in ex.items():
+        if name in ("nearest_targets", "nearest_cos"):
+            continue
+        cols[name] = pa.array(np.asarray(col))
+    near = np.asarray(target_ids)[ex["nearest_targets"]].astype(str)
+    cols["nearest_targets"] = pa.array(near.tolist(), pa.list_(pa.string()))
+    cols["nearest_cos"] = pa.array(ex["nearest_cos"].astype(np.float32).tolist(),
+                                   pa.list_(pa.float32()))
+    for name, col in sel.scores.items():
+        if name not in cols:
+            cols[name] = pa.array(np.asarray(col)[sel.indices])
+    return pa.table(cols)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    return x
+
+
+def write_selection(out: str, sel: Selection, ids: np.ndarray, target_ids: np.ndarray,
+                    extra: dict | None = None) -> dict:
+    """Write ``OUT/selected.parquet`` and ``OUT/summary.json`` (each atomically); return the
+    summary."""
+    buf = io.BytesIO()
+    pq.write_table(selection_table(sel, ids, target_ids), buf)
+    atomic_write_bytes(f"{out}/selected.parquet", buf.getvalue())
+    summary = {"method": sel.method, "selected": len(sel),
+               "draws": int(sel.explain["count"].sum()), **(extra or {}),
+               "diagnostics": sel.diagnostics}
+    atomic_write_bytes(f"{out}/summary.json",
+                       json.dumps(_jsonable(summary), indent=2).encode())
+    return summary
+
+
+def _pool_rows(path: str, wanted: set[str]) -> tuple[dict[str, dict], set[str]]:
+    """The pool records whose id is in ``wanted``, and the set of every pool id."""
+    fmt = detect_format(path)
+    found: dict[str, dict] = {}
+    if fmt == "jsonl":
+        all_ids = set()
+        for n, line in enumerate(_read_bytes(path).decode("utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(path, f"malformed JSON: {e.msg}", line=n) from None
+            rid = str(rec.get("id")) if isinstance(rec, dict) else None
+            all_ids.add(rid)
+            if rid in wanted:
+                found[rid] = rec
+        return found, all_ids
+    table = pq.read_table(path)
+    if "id" not in table.column_names:
+        raise RecordError(path, "missing column", field="id")
+    id_col = pc.cast(table["id"], pa.string())
+    all_ids = set(id_col.to_pylist())
+    keep = table.filter(pc.is_in(id_col, value_set=pa.array(sorted(wanted), pa.string())))
+    for rec in keep.to_pylist():
+        if isinstance(rec.get("meta"), str):
+            rec["meta"] = json.loads(rec["meta"])
+        rec = {key: value for key, value in rec.items() if value is not None}
+        found[str(rec["id"])] = rec
+    return found, all_ids
+
+
+def join_pool(pool: str, out: str, sel: Selection, ids: np.ndarray) -> int:
+    """Write the selected candidate records, in rank order, to ``OUT/selected.jsonl``.
+
+    Raises:
+        SelectError: when feature ids are missing from the pool (names the first few). Pool
+            records without features are reported with a warning (they could not be selected).
+    """
+    chosen = [str(x) for x in np.asarray(ids)[sel.indices]]
+    found, all_ids = _pool_rows(pool, set(chosen))
+    missing = [i for i in map(str, ids) if i not in all_ids]
+    if missing:
+        raise SelectError(f"{len(missing)} feature ids are not in the pool {pool} (first: "
+                          f"{', '.join(repr(m) for m in missing[:3])}); features and pool must "
+                          "come from the same candidates")
+    extra = len(all_ids) - len(ids)
+    if extra > 0:
+        log.warning("%d pool records have no features and could not be selected", extra)
+    records = validate_records([found[i] for i in chosen], "candidate", path=pool, unit="row")
+    write_records(records, f"{out}/selected.jsonl", "candidate")
+    return len(records)

@@ -1,0 +1,93 @@
+"""`evoray select`: files in, selected.parquet / summary.json / selected.jsonl out, and errors."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from evoray.cli import main
+from evoray.data.features import write_features
+
+
+@pytest.fixture()
+def files(tmp_path):
+    rng = np.random.default_rng(0)
+    centre = rng.normal(size=16)
+    G = np.concatenate([centre + 0.3 * rng.normal(size=(40, 16)),
+                        rng.normal(size=(160, 16))]).astype(np.float32)
+    V = (centre + 0.3 * rng.normal(size=(10, 16))).astype(np.float32)
+    ids = [f"c{i}" for i in range(len(G))]
+    write_features(str(tmp_path / "F"), ids, G)
+    write_features(str(tmp_path / "T"), [f"t{i}" for i in range(len(V))], V)
+    with open(tmp_path / "pool.jsonl", "w") as f:
+        for i in ids + ["extra"]:
+            f.write(json.dumps({"id": i, "prompt": f"q {i}", "response": "A"}) + "\n")
+    return tmp_path
+
+
+def run(files, *extra):
+    return main(["select", "--features", str(files / "F"), "--targets", str(files / "T"),
+                 "--out", str(files / "out"), *extra])
+
+
+def test_select_writes_parquet_summary_and_records(files, capsys):
+    assert run(files, "--ratio", "0.1", "--pool", str(files / "pool.jsonl")) == 0
+    table = pq.read_table(files / "out" / "selected.parquet").to_pylist()
+    assert len(table) == 20 and [r["rank"] for r in table] == list(range(1, 21))
+    first = table[0]
+    assert {"id", "rank", "alignment", "novelty", "alignment_term", "novelty_term",
+            "nearest_targets", "nearest_cos", "count"} <= set(first)
+    assert len(first["nearest_targets"]) == 3 and first["nearest_targets"][0].startswith("t")
+    assert sum(int(r["id"][1:]) < 40 for r in table) >= 18  # the planted aligned rows
+    summary = json.loads((files / "out" / "summary.json").read_text())
+    assert summary["method"] == "evoselect" and summary["k"] == 20
+    assert summary["diagnostics"]["converged"]
+    assert set(summary["diagnostics"]["timing"]) >= {"cost", "ot", "diversification"}
+    records = [json.loads(x) for x in (files / "out" / "selected.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == [r["id"] for r in table]
+    assert records[0]["prompt"] == f"q {records[0]['id']}"
+    assert "selected 20 of 200" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["random", "attribution", "diversity", "attr_div", "tsds"])
+def test_select_other_methods_with_k(files, method):
+    assert run(files, "--method", method, "--k", "15", "--seed", "2") == 0
+    table = pq.read_table(files / "out" / "selected.parquet")
+    assert table.num_rows <= 15 and sum(table["count"].to_pylist()) == 15
+
+
+def test_select_params_and_config(files, tmp_path):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("select: {method: evoselect, k: 12, lam: 0.5, params: {novelty: knn}}\n")
+    assert run(files, "--config", str(cfg), "--param", "nprobe=4") == 0
+    summary = json.loads((files / "out" / "summary.json").read_text())
+    assert summary["k"] == 12 and summary["diagnostics"]["novelty"] == "knn"
+    assert summary["diagnostics"]["params"]["lam"] == 0.5
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--ratio", "0"], "select.ratio: 0.0 is out of range"),
+    (["--ratio", "1.5"], "select.ratio: 1.5 is out of range"),
+    (["--k", "0"], "select.k: 0 is out of range"),
+    (["--k", "201"], "got 201"),
+    (["--method", "tsd"], "did you mean 'tsds'"),
+    (["--param", "lamb=0.3"], "did you mean 'lam'"),
+])
+def test_select_bad_input_is_one_line(files, capsys, extra, message):
+    assert run(files, *extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("evoray: error:") and message in err
+
+
+def test_select_pool_missing_ids(files, capsys):
+    lines = (files / "pool.jsonl").read_text().splitlines()
+    (files / "pool.jsonl").write_text("\n".join(lines[5:]) + "\n")  # drops c0..c4
+    assert run(files, "--k", "10", "--pool", str(files / "pool.jsonl")) == 2
+    assert "5 feature ids are not in the pool" in capsys.readouterr().err
+
+
+def test_select_dim_mismatch(files, capsys):
+    write_features(str(files / "T"), ["t0"], np.ones((1, 8), np.float32))
+    assert run(files, "--k", "5") == 2
+    assert "dim 16 but target features have dim 8" in capsys.readouterr().err
