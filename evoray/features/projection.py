@@ -28,7 +28,7 @@ import torch
 
 __all__ = ["ROWS", "RademacherProjector"]
 
-ROWS = 8
+ROWS = 32
 SEED_ROWS = 4096
 
 
