@@ -14,6 +14,7 @@ from evoray.data.features import read_features
 from evoray.errors import ModelError, RecordError
 from evoray.features.extract import FeatureError
 from evoray.features.stage import featurize
+from evoray.select import select
 from evoray.tasks import write_task
 
 pytestmark = pytest.mark.timeout(300)
@@ -50,6 +51,10 @@ def test_batch_size_changes_features_within_1e6(ray_session, pool, tmp_path):
     rel = np.linalg.norm(a.X - b.X, axis=1) / np.linalg.norm(b.X, axis=1)
     assert rel.max() < 1e-6
     assert not np.array_equal(a.X, np.zeros_like(a.X))
+    # ... and a selection made from either is the same
+    for method in ("evoselect", "attribution", "diversity"):
+        picks = [select(f.X[8:], f.X[:8], 10, method=method, seed=0).indices for f in (a, b)]
+        assert np.array_equal(*picks), method
 
 
 def test_output_is_plain_arrow_with_metadata(two_actors):
