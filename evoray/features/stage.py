@@ -138,7 +138,7 @@ class FeatureActor:
         self.cfg = FeaturesConfig(**cfg)
         device = "cuda" if self.cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         if device == "cpu":  # a fixed thread count, so kernels (and bits) do not vary by actor
-            torch.set_num_threads(max(1, int(self.cfg.num_cpus)))
+            torch.set_num_threads(max(1, round(self.cfg.num_cpus)))
         base, tok = load_model(model, cache_dir=cache_dir)
         self.extractor = FeatureExtractor(base, tok, self.cfg, adapter=adapter,
                                           adam_state=adam_state, device=device)
@@ -227,6 +227,12 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
     layers = _lora_layers(model_spec, cfg, adapter, cache_dir)  # fails fast on a wrong model
     started = init_ray(quiet=not progress)
     t0 = time.perf_counter()
+    total = ray.cluster_resources().get("CPU", 0)
+    if cfg.num_actors * cfg.num_cpus > total - 1:  # an autoscaling cluster may still grow
+        log.warning("features: %d actor(s) x %.1g CPU leave less than 1 of the cluster's %g "
+                    "CPUs for Ray Data's read and sort tasks, which then wait forever unless "
+                    "the cluster grows; lower features.num_cpus (e.g. 0.5) or num_actors",
+                    cfg.num_actors, cfg.num_cpus, total)
     try:
         ctx = ray.data.DataContext.get_current()
         preserve = ctx.execution_options.preserve_order
