@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 
 from evoray.errors import EvorayError
 
@@ -48,43 +47,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """Build a task, load the model, and measure its loss on the targets (until `evolve` lands)."""
-    import torch
+    """Generate a pool, compute features, select (see :mod:`evoray.demo`)."""
+    from evoray.demo import run_demo
 
-    from evoray.data import collate, encode_pairs, read_records
-    from evoray.models import count_parameters, load_model
-    from evoray.tasks import write_task
-
-    t0 = time.perf_counter()
-    paths = write_task(args.task, args.out, pool_size=args.pool_size, generator=args.generator,
-                       seed=args.seed)
-    print(f"[demo] task {args.task!r}: wrote {', '.join(paths)} under {args.out} "
-          f"({time.perf_counter() - t0:.1f} s)")
-    t0 = time.perf_counter()
-    model, tok = load_model(args.model)
-    print(f"[demo] model {args.model!r}: {count_parameters(model) / 1e6:.1f} M parameters, "
-          f"vocabulary {len(tok)}, loaded in {time.perf_counter() - t0:.1f} s")
-    import ray
-
-    from evoray.data import read_dataset
-    from evoray.ray_utils import init_ray
-
-    t0 = time.perf_counter()
-    init_ray(num_cpus=args.num_cpus)
-    n_pool = read_dataset(paths["pool"], "candidate", columns=["id", "prompt"]).count()
-    print(f"[demo] local Ray ({args.num_cpus} CPUs): Ray Data read the pool, {n_pool} candidates "
-          f"({time.perf_counter() - t0:.1f} s)")
-    ray.shutdown()
-    targets = read_records(paths["targets"], "target")
-    encoded, _ = encode_pairs(tok, targets, max_length=args.max_length)
-    losses = []
-    with torch.inference_mode():
-        for i in range(0, len(encoded), 8):
-            batch = collate(encoded[i:i + 8], tok.pad_token_id)
-            losses.append(model(**batch).loss.item())
-    n_resp = sum(e.n_response_tokens for e in encoded)
-    print(f"[demo] {len(targets)} targets tokenized: {n_resp} response tokens carry labels; "
-          f"mean response loss of the base model {sum(losses) / len(losses):.3f} nats")
+    run_demo(model=args.model, task=args.task, generator=args.generator,
+             pool_size=args.pool_size, ratio=args.ratio, seed=args.seed, num_cpus=args.num_cpus,
+             out=args.out)
     return 0
 
 
@@ -113,13 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("overrides", nargs="*", help="key=value, e.g. select.ratio=0.05")
     config.set_defaults(func=_cmd_config)
 
-    demo = sub.add_parser("demo", help="build a task and load the default model")
+    demo = sub.add_parser("demo", help="generate a pool, compute features and select, on a "
+                          "local Ray (embedded defaults)")
     demo.add_argument("--model", default="smollm2-135m")
     demo.add_argument("--task", default="arithmetic")
     demo.add_argument("--generator", choices=("weak", "strong"), default="weak")
-    demo.add_argument("--pool-size", type=int, default=500)
+    demo.add_argument("--pool-size", type=int, default=60)
+    demo.add_argument("--ratio", type=float, default=0.25, help="selection budget")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--max-length", type=int, default=256)
     demo.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
     demo.add_argument("--out", default="runs/demo")
     demo.set_defaults(func=_cmd_demo)
@@ -131,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     from evoray.select.cli import register as register_select
 
     register_select(sub)
+
+    from evoray.train.cli import register as register_train
+
+    register_train(sub)
     return parser
 
 

@@ -204,13 +204,22 @@ class TrainConfig(_Stage):
     seed: int = _f(0, "seed of data order, dropout and LoRA init")
     num_workers: int = _f(0, "Ray Train workers; 0 = in-process local mode")
     use_gpu: bool = _f(False, "one GPU per worker")
+    cpus_per_worker: float = _f(1.0, "CPUs reserved per Ray Train worker; fractional (e.g. 0.5) "
+                                "on a small local machine")
     checkpoint_every: int = _f(0, "steps between checkpoints; 0 = at each epoch's end only")
     num_to_keep: int = _f(2, "checkpoints kept in storage_path")
     max_failures: int = _f(0, "worker-group restarts allowed (FailureConfig)")
-    storage_path: str | None = _f(None, "checkpoint storage (local path or s3:// / gs:// URI)")
+    storage_path: str | None = _f(None, "checkpoint storage (local path or s3:// / gs:// URI); "
+                                  "null = ~/ray_results")
+    on_overflow: Literal["error", "skip"] = _f(
+        "error", "an example whose response does not fit max_length: fail naming it, or skip it "
+        "(counted in the result)")
+    max_grad_norm: float = _f(1.0, "gradient clipping; 0 = off")
 
     def _check(self) -> None:
         self._require(self.lr > 0, "lr", "must be positive")
+        self._require(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
+        self._require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
         self._require(self.epochs > 0, "epochs", "must be positive")
         self._require(self.max_steps is None or self.max_steps > 0, "max_steps", "must be > 0")
         self._require(self.batch_size > 0, "batch_size", "must be positive")

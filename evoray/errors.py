@@ -6,6 +6,7 @@ import difflib
 from collections.abc import Iterable
 
 __all__ = ["EvorayError", "RecordError", "ConfigError", "ModelError", "SelectError",
+           "TrainError",
            "did_you_mean"]
 
 
@@ -48,3 +49,8 @@ def did_you_mean(name: str, valid: Iterable[str]) -> str:
     if close:
         return f"; did you mean '{close[0]}'?"
     return f"; valid: {', '.join(valid)}"
+
+
+class TrainError(EvorayError, ValueError):
+    """Training or evaluation cannot run on these inputs (no example left, fewer examples than
+    workers, a test answer not among its choices)."""

@@ -50,7 +50,7 @@ def exists(path: str) -> bool:
 
 def detect_format(path: str) -> str:
     """``"jsonl"`` or ``"parquet"`` from the file's extension; anything else is an error."""
-    ext = os.path.splitext(path.rstrip("/"))[1].lower()
+    ext = os.path.splitext(path.split("?", 1)[0].rstrip("/"))[1].lower()  # URI query ignored
     if ext not in FORMATS:
         raise RecordError(path, f"unknown format {ext or '(no extension)'!r}; valid: "
                           f"{', '.join(FORMATS)}")

@@ -1,0 +1,186 @@
+"""``train(...)``: LoRA fine-tuning of a base model on a records file with Ray Train.
+
+The driver reads and tokenizes the records (the foundation's policy: prompts cut from the left,
+an example whose response does not fit ``max_length`` is an error or, with
+``on_overflow="skip"``, a counted skip), then runs a ``TorchTrainer`` over
+``ScalingConfig(num_workers, use_gpu)`` with :func:`evoray.train.loop.train_loop` on each worker
+(DDP when there are several). ``num_workers=0`` runs the loop in this process without starting
+Ray (tests, notebooks); otherwise the tokenized rows reach the workers as Ray Data shards with
+``preserve_order``, each worker keeping ``n // num_workers`` of them so that every worker takes
+the same number of steps.
+
+Checkpoints go to ``<storage_path>/<name>`` (``CheckpointConfig(num_to_keep)``); a worker failure
+restarts the group from the last checkpoint up to ``max_failures`` times, and rerunning with the
+same ``name`` and ``storage_path`` resumes from it. The final checkpoint folder (adapter, Adam
+state, optimizer state, metrics; see :mod:`evoray.train.loop`) is also copied to ``out``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from dataclasses import dataclass, field
+
+from evoray.config import TrainConfig
+from evoray.errors import EvorayError, TrainError
+
+__all__ = ["TrainResult", "train"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` produced.
+
+    Attributes:
+        adapter: folder (path or URI) of the trained adapter, ``out``.
+        adam_state: its ``adam_state.safetensors`` (for LESS-style Adam features).
+        metrics: the last report: ``step``, ``epoch``, ``loss`` (nats per response token, last
+            step), ``samples_per_s`` (this worker, excluding start-up), ``resumed_from_step``.
+        history: training loss of every optimizer step, in order.
+        n_examples: examples trained on; ``skipped``: ids dropped by ``on_overflow="skip"``.
+        checkpoint: the last checkpoint's path in ``storage_path`` (None in local mode).
+    """
+
+    adapter: str
+    adam_state: str
+    metrics: dict
+    history: list[float] = field(default_factory=list)
+    n_examples: int = 0
+    skipped: list[str] = field(default_factory=list)
+    checkpoint: str | None = None
+
+
+def _rows(records_path: str, model_spec: str, cfg: TrainConfig, cache_dir: str | None):
+    from evoray.data import encode_pairs, read_records
+    from evoray.models import load_tokenizer
+
+    records = read_records(records_path, "candidate")
+    tok = load_tokenizer(model_spec, cache_dir=cache_dir)
+    encoded, skipped = encode_pairs(tok, records, cfg.max_length, on_overflow=cfg.on_overflow)
+    if not encoded:
+        raise TrainError(f"{records_path}: no example fits max_length={cfg.max_length} "
+                         f"({len(skipped)} skipped); raise train.max_length")
+    if skipped:
+        log.warning("%s: skipped %d example(s) longer than max_length=%d", records_path,
+                    len(skipped), cfg.max_length)
+    return [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded], skipped
+
+
+def _check_init_adapter(init_adapter: str, model_spec: str, cache_dir: str | None) -> None:
+    from evoray.models import load_model
+    from evoray.train.adapter import load_adapter, localize
+
+    local, handle = localize(init_adapter)
+    try:
+        model, _ = load_model(model_spec, cache_dir=cache_dir)
+        load_adapter(model, local, trainable=False)
+    finally:
+        if handle is not None:
+            handle.cleanup()
+
+
+def _input_error(e: BaseException) -> EvorayError | None:
+    """The EvorayError inside Ray's wrapping of a worker failure, if there is one."""
+    todo, seen = [e], set()
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, EvorayError):
+            return err
+        todo += [err.__cause__, getattr(err, "cause", None)]
+        todo += list((getattr(err, "worker_failures", None) or {}).values())
+    return None
+
+
+def train(records_path: str, model_spec: str, init_adapter: str | None = None,
+          cfg: TrainConfig | None = None, *, out: str, name: str | None = None,
+          cache_dir: str | None = None) -> TrainResult:
+    """Fine-tune a LoRA adapter of ``model_spec`` on the (prompt, response) records.
+
+    Args:
+        records_path: candidate records (``id``, ``prompt``, ``response``), path or URI.
+        model_spec: base model (see :func:`evoray.models.load_model`).
+        init_adapter: continue this adapter folder (e.g. the previous round's); None = fresh.
+        cfg: training settings; None = defaults.
+        out: folder (path or URI) that receives the final adapter and its state.
+        name: Ray Train run name; the same name and ``cfg.storage_path`` resume a run. None = a
+            new unique name.
+        cache_dir: model cache (see :func:`evoray.models.default_cache_dir`).
+
+    Raises:
+        RecordError: the file is empty or malformed. ResponseTooLong: an example does not fit
+        ``max_length`` (``on_overflow="error"``). ModelError: the adapter is missing or was
+        trained on another base model. TrainError: no example left, or fewer than the workers.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from evoray.train.loop import FAIL_ENV, optimizer_steps, train_loop
+
+    cfg = cfg or TrainConfig()
+    if cfg.num_workers == 0 and cfg.use_gpu:
+        raise TrainError("train.use_gpu needs num_workers >= 1 (local mode has no GPU placement)")
+    rows, skipped = _rows(records_path, model_spec, cfg, cache_dir)
+    if init_adapter:
+        _check_init_adapter(init_adapter, model_spec, cache_dir)
+    workers = max(1, cfg.num_workers)
+    per_worker = len(rows) // workers
+    if per_worker == 0:
+        raise TrainError(f"{records_path}: {len(rows)} example(s) for {workers} workers")
+    per_epoch = optimizer_steps(per_worker, cfg.batch_size, cfg.grad_accum)
+    total = cfg.max_steps or cfg.epochs * per_epoch
+    loop_cfg = {"cfg": cfg, "model": model_spec, "init_adapter": init_adapter, "out": out,
+                "cache_dir": cache_dir, "steps_per_epoch": per_epoch, "total_steps": total,
+                "rows_per_worker": per_worker}
+    datasets = None
+    if cfg.num_workers == 0:
+        loop_cfg["rows"] = rows
+    else:
+        import ray
+        import ray.data
+        from ray.data import ExecutionOptions
+        from ray.train import DataConfig
+
+        from evoray.ray_utils import init_ray
+
+        init_ray()
+        datasets = {"train": ray.data.from_items(rows)}
+    env = {FAIL_ENV: os.environ[FAIL_ENV]} if os.environ.get(FAIL_ENV) else {}
+    run_config = RunConfig(
+        worker_runtime_env={"env_vars": env} if env else None,
+        name=name or f"evoray-train-{uuid.uuid4().hex[:8]}",
+        storage_path=cfg.storage_path,
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
+        failure_config=FailureConfig(max_failures=cfg.max_failures))
+    kwargs = {}
+    if datasets is not None:
+        kwargs["dataset_config"] = DataConfig(
+            execution_options=ExecutionOptions(preserve_order=True))
+    trainer = TorchTrainer(train_loop, train_loop_config=loop_cfg, datasets=datasets,
+                           scaling_config=ScalingConfig(
+                               num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                               resources_per_worker=None if cfg.num_workers == 0 else
+                               {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
+                           run_config=run_config, **kwargs)
+    log.info("training %s on %d examples: %d steps (%d per epoch), %d worker(s)", model_spec,
+             len(rows), total, per_epoch, cfg.num_workers)
+    try:
+        result = trainer.fit()
+    except EvorayError:
+        raise
+    except Exception as e:  # Ray wraps worker errors; keep an input error readable
+        cause = _input_error(e)
+        if cause is not None:
+            raise cause from e
+        raise
+    metrics = dict(result.metrics or {})
+    history = metrics.pop("history", [])
+    sep = "/" if "://" in out else os.sep
+    return TrainResult(adapter=out, adam_state=out.rstrip("/") + sep + "adam_state.safetensors",
+                       metrics=metrics, history=history, n_examples=len(rows), skipped=skipped,
+                       checkpoint=result.checkpoint.path if result.checkpoint else None)

@@ -1,0 +1,132 @@
+"""Evaluation on a multiple-choice test set: accuracy by choice-letter likelihood, response loss.
+
+ALGORITHMS.md §4. Each item is ``prompt`` (ending in ``Answer:``), ``choices`` (capital letters)
+and ``answer``. The model reads ``prompt + " " + answer + EOS``, tokenized as in training
+(:func:`evoray.data.encode_pair`, the same text a fine-tuned model saw), in right-padded batches.
+
+Which token is scored: the letter **with its leading space**, ``" A"``, since that is how the
+letter follows ``Answer:`` in training text. For each letter the tokens of ``" " + letter`` are
+taken; their common prefix across the item's choices (e.g. a lone ``" "`` when the tokenizer
+splits the space off, as a byte-level tokenizer without merges does) is context shared by every
+choice, and the first token after it, one per letter, is scored by its next-token log-probability
+at that point. So a tokenizer with ``" A"`` as one token scores it right after the prompt; one
+that encodes ``" A"`` as ``[" ", "A"]`` scores ``"A"`` after ``prompt + " "``. The prediction is the
+choice with the highest log-probability; ties go to the earlier choice.
+
+The mean response loss is the token-mean cross-entropy over ``" " + answer + EOS`` per item,
+averaged over items (nats).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import torch
+
+from evoray.data.tokenize import IGNORE, _special_prefix, collate, encode_pair
+from evoray.errors import TrainError
+
+__all__ = ["evaluate", "evaluate_model", "letter_tokens"]
+
+log = logging.getLogger(__name__)
+
+
+def letter_tokens(tokenizer, letters: list[str]) -> tuple[int, list[int]]:
+    """``(n_shared, ids)``: how many leading tokens of ``" " + letter`` all letters share, and
+    each letter's first token after them.
+
+    Raises:
+        TrainError: two letters start with the same token after the shared part.
+    """
+    seqs = [tokenizer(" " + ch, add_special_tokens=False)["input_ids"] for ch in letters]
+    n = 0
+    while all(len(s) > n + 1 for s in seqs) and len({s[n] for s in seqs}) == 1:
+        n += 1
+    ids = [s[n] for s in seqs]
+    if len(set(ids)) != len(ids):
+        raise TrainError(f"choice letters {letters} are not told apart by one token each with "
+                         f"this tokenizer")
+    return n, ids
+
+
+@torch.inference_mode()
+def evaluate_model(model, tokenizer, items: list[dict], *, batch_size: int = 16,
+                   max_length: int = 512, device: str = "cpu") -> dict:
+    """Metrics of ``model`` (a causal LM, with or without adapter) on validated MCQ ``items``.
+
+    Returns:
+        ``{"accuracy", "loss", "n", "per_subtask": {name: {"accuracy", "n"}}, "predictions"}``;
+        ``predictions`` is the predicted letter of each item, in order.
+    """
+    model.eval().to(device)
+    prefix = _special_prefix(tokenizer)
+    preds, losses = [], []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        encoded, cols, cands = [], [], []
+        for item in chunk:
+            if item["answer"] not in item["choices"]:
+                raise TrainError(f"test item {item.get('id')!r}: answer {item['answer']!r} is "
+                                 f"not one of its choices {item['choices']}")
+            e = encode_pair(tokenizer, item["prompt"], item["answer"], max_length, prefix=prefix)
+            shared, ids = letter_tokens(tokenizer, item["choices"])
+            first = next(i for i, t in enumerate(e.labels) if t != IGNORE)
+            encoded.append(e)
+            cols.append(first + shared - 1)
+            cands.append(ids)
+        batch = {k: v.to(device) for k, v in collate(encoded, tokenizer.pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+            reduction="none").view_as(labels)
+        losses.extend((nll.sum(1) / (labels != IGNORE).sum(1)).tolist())
+        logp = torch.log_softmax(logits, dim=-1)
+        for i, item in enumerate(chunk):
+            scores = logp[i, cols[i], cands[i]]
+            preds.append(item["choices"][int(torch.argmax(scores))])
+    by_task: dict[str, list[bool]] = defaultdict(list)
+    correct = [p == item["answer"] for p, item in zip(preds, items, strict=True)]
+    for ok, item in zip(correct, items, strict=True):
+        if item.get("subtask"):
+            by_task[item["subtask"]].append(ok)
+    return {"accuracy": sum(correct) / len(correct), "loss": sum(losses) / len(losses),
+            "n": len(items), "predictions": preds,
+            "per_subtask": {k: {"accuracy": sum(v) / len(v), "n": len(v)}
+                            for k, v in sorted(by_task.items())}}
+
+
+def evaluate(model_spec: str, adapter: str | None, test_path: str, *, batch_size: int = 16,
+             max_length: int = 512, device: str = "cpu", cache_dir: str | None = None) -> dict:
+    """Accuracy and mean response loss of ``model_spec`` (+ ``adapter``) on an MCQ file.
+
+    Args:
+        model_spec: base model (see :func:`evoray.models.load_model`).
+        adapter: LoRA adapter folder (path or URI); None = the base model alone.
+        test_path: MCQ records (``id``, ``prompt``, ``choices``, ``answer``, optional
+            ``subtask``), path or URI.
+
+    Returns:
+        See :func:`evaluate_model`.
+
+    Raises:
+        RecordError: the file is malformed (e.g. an answer not among the choices).
+        ModelError: the adapter is missing or was trained on another base model.
+    """
+    from evoray.data import read_records
+    from evoray.models import load_model
+    from evoray.train.adapter import load_adapter, localize
+
+    items = read_records(test_path, "mcq")
+    model, tok = load_model(model_spec, cache_dir=cache_dir)
+    if adapter:
+        local, handle = localize(adapter)
+        try:
+            model = load_adapter(model, local, trainable=False)
+        finally:
+            if handle is not None:
+                handle.cleanup()
+    return evaluate_model(model, tok, items, batch_size=batch_size, max_length=max_length,
+                          device=device)

@@ -1,0 +1,66 @@
+"""Checkpoints, outputs and adapters on S3: a moto server on loopback, started by the test."""
+
+import os
+import socket
+
+import pytest
+
+from evoray.config import TrainConfig
+from evoray.data import read_records, write_records
+from evoray.tasks import write_task
+from evoray.train import evaluate, train
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# pyarrow reads the endpoint and credentials from the environment, and Ray's workers inherit the
+# driver's environment at `ray.init`, which runs after collection: set them now.
+PORT = _free_port()
+for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                   "AWS_DEFAULT_REGION": "us-east-1",
+                   "AWS_ENDPOINT_URL": f"http://127.0.0.1:{PORT}"}.items():
+    os.environ.setdefault(key, value)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    moto_server = pytest.importorskip("moto.server")
+    import pyarrow.fs as pafs
+
+    if os.environ["AWS_ENDPOINT_URL"] != f"http://127.0.0.1:{PORT}":
+        pytest.skip("AWS_ENDPOINT_URL is set to another endpoint")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=PORT, verbose=False)
+    server.start()
+    fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{PORT}", scheme="http",
+                           region="us-east-1", allow_bucket_creation=True)
+    fs.create_dir("evoray")
+    yield lambda key: f"s3://evoray/{key}", fs
+    server.stop()
+
+
+@pytest.mark.timeout(300)
+def test_train_and_evaluate_on_s3(ray_session, s3, tmp_path):
+    uri, fs = s3
+    paths = write_task("compare", str(tmp_path), pool_size=20, seed=0)
+    data, test = uri("data/train.jsonl"), uri("data/test.jsonl")
+    write_records(read_records(paths["train"], "candidate")[:16], data, "candidate")
+    write_records(read_records(paths["test"], "mcq")[:8], test, "mcq")
+    cfg = TrainConfig(num_workers=1, max_steps=2, batch_size=8, max_length=128,
+                      cpus_per_worker=0.5, storage_path=uri("runs"))
+    res = train(data, "tiny-llama", cfg=cfg, out=uri("adapter"), name="s3-run")
+    assert res.checkpoint is not None and res.checkpoint.startswith("evoray/runs/s3-run")
+    assert fs.get_file_info("evoray/adapter/adam_state.safetensors").size > 0
+    names = [i.path for i in fs.get_file_info(pafs_selector("evoray/runs/s3-run"))]
+    assert any("checkpoint" in n for n in names)
+    m = evaluate("tiny-llama", uri("adapter"), test)
+    assert m["n"] == 8 and 0.0 <= m["accuracy"] <= 1.0
+
+
+def pafs_selector(path):
+    import pyarrow.fs as pafs
+
+    return pafs.FileSelector(path, recursive=True)
