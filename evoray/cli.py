@@ -57,8 +57,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="evoray", description=__doc__.splitlines()[0] + (
-        " EvoSelect: generate -> select -> train, on Ray."))
+    parser = argparse.ArgumentParser(prog="evoray", description="Targeted LLM adaptation with "
+                                     "little data: EvoSelect's generate -> select -> train, on "
+                                     "Ray.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
