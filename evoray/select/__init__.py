@@ -3,7 +3,14 @@
 ``select(G, V, k, method=...)`` is the entry point; see ALGORITHMS.md §3 for the methods.
 """
 
-from evoray.select.api import METHODS, budget, select
+try:  # faiss is an extra, not a base dependency: faiss-cpu and faiss-gpu are the same module
+    import faiss  # noqa: F401
+except ImportError as e:
+    raise ImportError("evoray's selectors need faiss: install evoray with exactly one of the "
+                      "extras `cpu` (faiss-cpu) or `gpu` (faiss-gpu), e.g. "
+                      "pip install -e '.[cpu]'") from e
+
+from evoray.select.api import METHODS, budget, select  # noqa: E402
 from evoray.select.baselines import attr_div, attribution, attribution_scores, diversity, random
 from evoray.select.evoselect import evoselect
 from evoray.select.ot import SemiRelaxedOT, lava_gradient
