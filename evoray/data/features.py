@@ -20,6 +20,7 @@ This module uses pyarrow and numpy only (no Ray), so selectors can import it.
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -105,8 +106,6 @@ def write_features(path: str, ids, X: np.ndarray, grad_norm=None, loss=None, row
 def write_folder_atomically(path: str, fill) -> None:
     """Call ``fill(tmp_path, filesystem)`` to populate a temporary sibling folder, then rename it
     to ``path`` (replacing an existing folder only after the new one is complete)."""
-    import uuid
-
     fs, p = resolve(path)
     p = p.rstrip("/")
     tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
