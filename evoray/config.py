@@ -247,9 +247,27 @@ class GenerateConfig(_Stage):
     path: str | None = _f(None, "pool file(s) for kind=pool: one file, or a pattern with {round}")
     model: str | None = _f(None, "generator model for kind=hf/vllm; null = the model being trained")
     seed: int = _f(0, "seed of the generator (round r uses seed + r)")
+    shots: int = _f(4, "hf/vllm: target examples shown in each few-shot prompt")
+    max_new_tokens: int = _f(96, "hf/vllm: tokens generated per candidate at most")
+    temperature: float = _f(0.8, "hf/vllm: sampling temperature (0 = greedy)")
+    top_p: float = _f(0.95, "hf/vllm: nucleus sampling mass")
+    batch_size: int = _f(16, "hf/vllm: prompts per generation batch")
+    num_actors: int = _f(1, "hf/vllm: generation actors (Ray Data ActorPoolStrategy size)")
+    num_gpus: float = _f(0.0, "hf/vllm: GPUs per actor (0 on CPU)")
+    num_cpus: float = _f(1.0, "hf: CPUs per actor; fractional (e.g. 0.5) on a small machine")
+    engine_kwargs: dict[str, Any] = _f({}, "vllm: further vLLM engine arguments "
+                                       "(e.g. max_model_len, tensor_parallel_size)")
 
     def _check(self) -> None:
         self._require(self.pool_size > 0, "pool_size", "must be positive")
+        self._require(self.shots >= 0, "shots", "must be >= 0")
+        self._require(self.max_new_tokens > 0, "max_new_tokens", "must be positive")
+        self._require(self.temperature >= 0, "temperature", "must be >= 0")
+        self._require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        self._require(self.batch_size > 0, "batch_size", "must be positive")
+        self._require(self.num_actors > 0, "num_actors", "must be positive")
+        self._require(self.num_gpus >= 0, "num_gpus", "must be >= 0")
+        self._require(self.num_cpus > 0, "num_cpus", "must be positive")
         if self.kind == "pool" and not self.path:
             raise ConfigError("generate.path: required when generate.kind is 'pool'")
 
