@@ -105,10 +105,12 @@ class PoolGenerator:
         return {"n": len(records), "dropped": 0}
 
 
-def make_generator(cfg: GenerateConfig, *, task: str | None = None) -> Generator:
-    """The generator named by ``cfg.kind``; ``task`` is the built-in task of the run."""
+def make_generator(cfg: GenerateConfig, *, task: str | None = None,
+                   split_seed: int = 0) -> Generator:
+    """The generator named by ``cfg.kind``; ``task`` is the built-in task of the run and
+    ``split_seed`` the seed of its splits (the simulated generator avoids their questions)."""
     if cfg.kind == "simulated":
-        return SimulatedGenerator(task or cfg.task, cfg.preset, cfg.pool_size)
+        return SimulatedGenerator(task or cfg.task, cfg.preset, cfg.pool_size, split_seed)
     if cfg.kind == "pool":
         return PoolGenerator(cfg.path, cfg.pool_size)
     if cfg.kind == "hf":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 
 __all__ = ["register"]
 
@@ -49,28 +48,14 @@ def _config(args: argparse.Namespace):
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
-    from evoray.data.features import read_features
-    from evoray.select import budget, select
-    from evoray.select.io import join_pool, write_selection
+    from evoray.select.io import select_files
 
     cfg = _config(args)
-    t0 = time.perf_counter()
-    feats = read_features(args.features, dtype=args.dtype)
-    targets = read_features(args.targets, dtype=args.dtype)
-    read_s = time.perf_counter() - t0
-    params = dict(cfg.params)
-    if cfg.method == "evoselect":
-        params = {"lam": cfg.lam, "blocks": cfg.blocks, "eps": cfg.eps, "tau": cfg.tau, **params}
-    k = budget(len(feats), k=cfg.k, ratio=cfg.ratio)
-    sel = select(feats.X, targets.X, k, method=cfg.method, seed=cfg.seed, ids=feats.ids,
-                 target_ids=targets.ids, **params)
-    summary = write_selection(args.out, sel, feats.ids, targets.ids, extra={
-        "features": args.features, "targets": args.targets, "k": k, "ratio": cfg.ratio,
-        "seed": cfg.seed, "read_s": read_s})
+    summary, _, feats = select_files(cfg, args.features, args.targets, args.out, pool=args.pool,
+                                     dtype=args.dtype)
     line = f"{cfg.method}: selected {summary['selected']} of {len(feats)} candidates -> " \
            f"{args.out}/selected.parquet"
     if args.pool:
-        n = join_pool(args.pool, args.out, sel, feats.ids)
-        line += f", {n} records -> {args.out}/selected.jsonl"
+        line += f", {summary['records']} records -> {args.out}/selected.jsonl"
     print(line)
     return 0

@@ -16,7 +16,7 @@ from evoray.data.records import validate_records
 from evoray.errors import RecordError, SelectError
 from evoray.select.selection import Selection
 
-__all__ = ["selection_table", "write_selection", "join_pool"]
+__all__ = ["selection_table", "write_selection", "join_pool", "select_files", "write_scores"]
 
 log = logging.getLogger(__name__)
 
@@ -125,3 +125,48 @@ def join_pool(pool: str, out: str, sel: Selection, ids: np.ndarray) -> int:
     records = validate_records([found[i] for i in chosen], "candidate", path=pool, unit="row")
     write_records(records, f"{out}/selected.jsonl", "candidate")
     return len(records)
+
+
+def write_scores(out: str, sel: Selection, ids: np.ndarray) -> None:
+    """Write ``OUT/scores.parquet``: one row per candidate, ``id``, ``selected`` and every
+    per-candidate score of the selector (for reports: selected against rejected)."""
+    ids = np.asarray(ids).astype(str)
+    chosen = np.zeros(len(ids), bool)
+    chosen[sel.indices] = True
+    cols = {"id": pa.array(ids.tolist(), pa.string()), "selected": pa.array(chosen)}
+    for name, col in sel.scores.items():
+        col = np.asarray(col)
+        if col.ndim == 1 and len(col) == len(ids) and np.issubdtype(col.dtype, np.number):
+            cols[name] = pa.array(col.astype(np.float64))
+    buf = io.BytesIO()
+    pq.write_table(pa.table(cols), buf)
+    atomic_write_bytes(f"{out}/scores.parquet", buf.getvalue())
+
+
+def select_files(cfg, features: str, targets: str, out: str, *, pool: str | None = None,
+                 dtype: str | None = None, extra: dict | None = None):
+    """Read features, select with ``cfg`` (a :class:`evoray.config.SelectConfig`) and write the
+    selection folder ``out`` (``selected.parquet``, ``summary.json``, ``scores.parquet`` and,
+    with ``pool``, ``selected.jsonl``). Returns ``(summary, selection, candidate features)``."""
+    import time
+
+    from evoray.data.features import read_features
+    from evoray.select.api import budget, select
+
+    t0 = time.perf_counter()
+    feats = read_features(features, dtype=dtype)
+    tfeats = read_features(targets, dtype=dtype)
+    read_s = time.perf_counter() - t0
+    params = dict(cfg.params)
+    if cfg.method == "evoselect":
+        params = {"lam": cfg.lam, "blocks": cfg.blocks, "eps": cfg.eps, "tau": cfg.tau, **params}
+    k = budget(len(feats), k=cfg.k, ratio=cfg.ratio)
+    sel = select(feats.X, tfeats.X, k, method=cfg.method, seed=cfg.seed, ids=feats.ids,
+                 target_ids=tfeats.ids, **params)
+    summary = write_selection(out, sel, feats.ids, tfeats.ids, extra={
+        "features": features, "targets": targets, "k": k, "ratio": cfg.ratio, "seed": cfg.seed,
+        "read_s": read_s, **(extra or {})})
+    write_scores(out, sel, feats.ids)
+    if pool:
+        summary["records"] = join_pool(pool, out, sel, feats.ids)
+    return summary, sel, feats

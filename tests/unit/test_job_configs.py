@@ -1,0 +1,31 @@
+"""Every example job config in jobs/configs/ loads and validates with evoray.config.load_config."""
+
+from pathlib import Path
+
+import pytest
+
+from evoray.config import load_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+FILES = sorted([*CONFIGS.glob("*.yaml"), *CONFIGS.glob("*.yml")])
+
+
+def test_folder_has_configs():
+    assert (CONFIGS / "gpu_cluster.yaml") in FILES
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_job_config_loads(path):
+    load_config(str(path))
+
+
+def test_gpu_cluster_config():
+    cfg = load_config(str(CONFIGS / "gpu_cluster.yaml"))
+    assert "Qwen2.5-3B" in cfg.model
+    assert cfg.features.dim == 8192
+    assert cfg.features.num_actors == 4 and cfg.features.num_gpus == 1
+    assert cfg.train.num_workers >= 1 and cfg.train.use_gpu and cfg.train.bf16
+    assert cfg.generate.kind in ("simulated", "hf")
+    # Several nodes write and read these: they must be shared storage, not a node's disk.
+    for where in (cfg.evolve.run_dir, cfg.train.storage_path, cfg.sweep.sweep_dir):
+        assert where.startswith("s3://"), where
