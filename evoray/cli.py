@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from evoray.config import apply_override, load_config, parse_overrides
 from evoray.errors import EvorayError
 
 log = logging.getLogger("evoray")
@@ -47,12 +48,23 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """Generate a pool, compute features, select (see :mod:`evoray.demo`)."""
-    from evoray.demo import run_demo
+    from evoray.demo import demo_config, run_demo
 
-    run_demo(model=args.model, task=args.task, generator=args.generator,
-             pool_size=args.pool_size, ratio=args.ratio, seed=args.seed, num_cpus=args.num_cpus,
-             out=args.out)
+    over = {"evolve.run_dir": args.out} if args.out else {}
+    cfg = demo_config(args.quick, **over)
+    for key, value in parse_overrides(args.overrides):
+        cfg = apply_override(cfg, key, value)
+    run_demo(cfg, resume=args.resume)
+    return 0
+
+
+def _cmd_evolve(args: argparse.Namespace) -> int:
+    from evoray.evolve import evolve
+
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config, *overrides]  # `evoray evolve key=value ...`
+    evolve(load_config(config, overrides), resume=args.resume)
     return 0
 
 
@@ -82,17 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("overrides", nargs="*", help="key=value, e.g. select.ratio=0.05")
     config.set_defaults(func=_cmd_config)
 
-    demo = sub.add_parser("demo", help="generate a pool, compute features and select, on a "
-                          "local Ray (embedded defaults)")
-    demo.add_argument("--model", default="smollm2-135m")
-    demo.add_argument("--task", default="arithmetic")
-    demo.add_argument("--generator", choices=("weak", "strong"), default="weak")
-    demo.add_argument("--pool-size", type=int, default=60)
-    demo.add_argument("--ratio", type=float, default=0.25, help="selection budget")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
-    demo.add_argument("--out", default="runs/demo")
+    demo = sub.add_parser("demo", help="an evolve run on embedded defaults on a local Ray "
+                          "(SmolLM2-135M, 2 rounds of 600 candidates), then its report")
+    demo.add_argument("--quick", action="store_true",
+                      help="tiny random model and small pools (about a minute)")
+    demo.add_argument("--out", help="run folder (default runs/demo, or runs/quick)")
+    demo.add_argument("--resume", action="store_true", help="continue an interrupted demo")
+    demo.add_argument("overrides", nargs="*", help="key=value, e.g. evolve.task=compare")
     demo.set_defaults(func=_cmd_demo)
+
+    evo = sub.add_parser("evolve", help="run the generate -> select -> train loop of a job "
+                         "config, round after round")
+    evo.add_argument("config", nargs="?", help="job YAML (see jobs/configs/); default: built-in "
+                     "defaults")
+    evo.add_argument("overrides", nargs="*", help="key=value, e.g. select.ratio=0.05")
+    evo.add_argument("--resume", action="store_true",
+                     help="continue the run in evolve.run_dir, skipping finished stages")
+    evo.set_defaults(func=_cmd_evolve)
 
     from evoray.features.cli import register as register_features
 
@@ -105,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     from evoray.train.cli import register as register_train
 
     register_train(sub)
+
+    from evoray.report import register as register_report
+
+    register_report(sub)
     return parser
 
 

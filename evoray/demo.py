@@ -1,72 +1,60 @@
-"""``evoray demo``: one generate → features → select pass on embedded defaults, on a local Ray.
+"""``evoray demo``: an evolve run on embedded defaults, on a local Ray, then its report.
 
-It builds a built-in task with the simulated (noisy) generator, computes gradient features of the
-pool and of the targets with SmolLM2-135M as the proxy, selects a budget with EvoSelect and with
-Random, and prints what each selection holds against the pool's mix (the generator's true kinds,
-which selectors never read). The round loop with training lands with the evolve issue.
+The defaults (:func:`demo_config`) are those of ``jobs/configs/demo.yaml``: SmolLM2-135M, a
+built-in task with the ``weak`` simulated generator (noisy: wrong labels, off-task and
+near-duplicate candidates), 2 rounds of 600 candidates, EvoSelect at ratio 0.2 (120 picks a round),
+LoRA training in-process. ``--quick`` (``jobs/configs/quick.yaml``) is the same loop on the tiny
+random ``tiny-llama`` with small pools, for tests and a first look in a minute.
+
+It prints each stage as it ends, then the per-round table: test accuracy and the selection's
+make-up (shares of clean, wrong-label, off-task and near-duplicate picks, from the generator's
+``meta.kind``, which selectors never read), and writes ``RUN_DIR/report.md`` with plots.
 """
 
 from __future__ import annotations
 
-import collections
-import os
 import time
 
-__all__ = ["run_demo"]
+from evoray.config import Config, apply_override
 
-KINDS = ("clean", "wrong_label", "off_task", "near_duplicate")
+__all__ = ["DEMO", "QUICK", "demo_config", "run_demo"]
+
+DEMO = {
+    "model": "smollm2-135m",
+    "generate.kind": "simulated", "generate.preset": "weak", "generate.pool_size": 600,
+    "evolve.task": "arithmetic", "evolve.rounds": 2, "evolve.run_dir": "runs/demo",
+    "select.method": "evoselect", "select.ratio": 0.2,
+    # One feature actor on one CPU: on a 2-core machine the other CPU runs Ray Data's tasks.
+    "features.num_actors": 1, "features.num_cpus": 1.0, "features.max_length": 256,
+    "train.num_workers": 0, "train.max_length": 256,
+}
+QUICK = {
+    **DEMO, "model": "tiny-llama", "generate.pool_size": 120, "evolve.run_dir": "runs/quick",
+    "features.dim": 256, "train.epochs": 1,
+}
 
 
-def _mix(records: list[dict]) -> str:
-    counts = collections.Counter(r["meta"]["kind"] for r in records)
-    return "  ".join(f"{k} {counts[k] / len(records):>4.0%}" for k in KINDS)
+def demo_config(quick: bool = False, **overrides) -> Config:
+    """The demo's :class:`Config` (``quick``: tiny-llama, small pools), with ``overrides``
+    given as ``{"dotted.key": value}``."""
+    cfg = Config()
+    for key, value in {**(QUICK if quick else DEMO), **overrides}.items():
+        cfg = apply_override(cfg, key, value)
+    return cfg
 
 
-def run_demo(*, model: str = "smollm2-135m", task: str = "arithmetic", generator: str = "weak",
-             pool_size: int = 60, ratio: float = 0.25, seed: int = 0, num_cpus: int = 2,
-             out: str = "runs/demo", say=print) -> dict:
-    """Run the demo; returns the paths it wrote. ``say`` prints progress lines."""
-    from evoray.config import FeaturesConfig
-    from evoray.data import read_records
-    from evoray.data.features import read_features
-    from evoray.features.stage import featurize
+def run_demo(cfg: Config, *, resume: bool = False, say=print) -> dict:
+    """Run the evolve loop on ``cfg`` and write its report; returns :func:`evolve`'s result
+    plus ``report`` (the path of report.md)."""
+    from evoray.evolve import evolve
     from evoray.models import load_model
-    from evoray.ray_utils import init_ray
-    from evoray.select import budget, select
-    from evoray.tasks import write_task
 
     t0 = time.perf_counter()
-    paths = write_task(task, os.path.join(out, "task"), pool_size=pool_size, generator=generator,
-                       seed=seed)
-    pool = read_records(paths["pool"], "candidate")
-    n_targets = len(read_records(paths["targets"], "target"))
-    say(f"[demo] task {task!r}, {generator} generator: {len(pool)} candidates, {n_targets} "
-        f"targets ({time.perf_counter() - t0:.1f} s)")
-    t0 = time.perf_counter()
-    load_model(model)  # converts SmolLM2 once, before the actors need it
-    say(f"[demo] model {model!r} ready ({time.perf_counter() - t0:.1f} s)")
+    load_model(cfg.model, cache_dir=cfg.cache_dir)  # converts SmolLM2 once, before the actors
+    say(f"[demo] model {cfg.model!r} ready ({time.perf_counter() - t0:.1f} s)")
+    out = evolve(cfg, resume=resume, say=say)
+    from evoray.report import write_report
 
-    # One actor; at least one CPU stays free for Ray Data's read and sort tasks.
-    cfg = FeaturesConfig(batch_size=16, num_actors=1, num_cpus=max(0.5, num_cpus - 1))
-    started = init_ray(num_cpus=num_cpus)
-    try:
-        feats = {}
-        for name, kind in (("pool", "candidate"), ("targets", "target")):
-            t0 = time.perf_counter()
-            feats[name] = featurize(paths[name], model, cfg=cfg, kind=kind,
-                                    out=os.path.join(out, "features", name))
-            say(f"[demo] features of the {name}: {feats[name]} ({time.perf_counter() - t0:.1f} s)")
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-    G, V = read_features(feats["pool"]), read_features(feats["targets"])
-    k = budget(len(G), ratio=ratio)
-    by_id = {r["id"]: r for r in pool}
-    say(f"[demo] {'pool':<10} {len(pool):>4}  {_mix(pool)}")
-    for method in ("random", "evoselect"):
-        sel = select(G.X, V.X, k, method=method, seed=seed)
-        picked = [by_id[i] for i in G.ids[sel.indices]]
-        say(f"[demo] {method:<10} {len(picked):>4}  {_mix(picked)}")
-    return {**paths, **feats}
+    out["report"] = write_report(out["run_dir"])
+    say(f"[demo] report: {out['report']} ({time.perf_counter() - t0:.0f} s in all)")
+    return out

@@ -1,0 +1,123 @@
+"""The evolve loop end to end on tiny-llama: outputs, resume after a failure, changed settings,
+and the report. One reference run (the ``quick_run`` session fixture) is shared."""
+
+import json
+import shutil
+import struct
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from evoray.data import read_records
+from evoray.demo import demo_config
+from evoray.errors import EvorayError
+from evoray.evolve import FAIL_ENV, Manifest, evolve
+
+pytestmark = pytest.mark.timeout(600)
+
+STAGES = ("generate", "clean", "features", "select", "train", "evaluate")
+
+
+def _selected_ids(run_dir: str, r: int) -> list[str]:
+    table = pq.read_table(f"{run_dir}/round_{r:02d}/selection/selected.parquet")
+    return table["id"].to_pylist()
+
+
+def test_every_round_writes_its_outputs_and_the_table(quick_run):
+    run = quick_run["run_dir"]
+    stages = Manifest(run).stages
+    assert {"task", "base/evaluate"} <= set(stages)
+    for r in (1, 2):
+        rd = f"{run}/round_{r:02d}"
+        assert all(f"round_{r:02d}/{s}" in stages for s in STAGES)
+        pool = read_records(f"{rd}/pool.jsonl", "candidate")
+        clean = read_records(f"{rd}/clean.jsonl", "candidate")
+        picked = read_records(f"{rd}/selection/selected.jsonl", "candidate")
+        assert len(pool) == 120 and all(x["id"].startswith(f"r{r:02d}-") for x in pool)
+        cs = stages[f"round_{r:02d}/clean"]["stats"]
+        assert cs["kept"] == len(clean) and cs["generated"] == len(pool)
+        assert len(picked) == round(0.2 * len(clean))
+        assert {x["id"] for x in picked} <= {x["id"] for x in clean}
+        scores = pq.read_table(f"{rd}/selection/scores.parquet").to_pydict()
+        assert sum(scores["selected"]) == len(picked)
+        with open(f"{rd}/adapter/adapter_config.json") as f:
+            assert json.load(f)["r"] > 0
+        with open(f"{rd}/metrics.json") as f:
+            m = json.load(f)
+        assert m["n_test"] == 500 and 0 <= m["accuracy"] <= 1 and m["n_selected"] == len(picked)
+        assert abs(sum(m["mix"].values()) - 1) < 1e-9 and abs(sum(m["pool_mix"].values()) - 1) < 1e-9
+    # the proxy of round 2 is the round-1 model
+    assert stages["round_02/features"]["stats"]["proxy"] == "round 1 model"
+    table = [line for line in quick_run["lines"] if line.lstrip().startswith(("0 ", "1 ", "2 "))]
+    assert [line.split()[0] for line in table] == ["0", "1", "2"]
+    assert quick_run["lines"][-1].startswith("[demo] report:")
+
+
+def test_existing_run_is_refused_without_resume_and_skipped_with_it(quick_run):
+    cfg = demo_config(quick=True, **{"evolve.run_dir": quick_run["run_dir"]})
+    with pytest.raises(EvorayError, match="--resume"):
+        evolve(cfg, say=lambda _: None)
+    lines = []
+    out = evolve(cfg, resume=True, say=lines.append)
+    assert sum("done earlier, skipped" in line for line in lines) == 2 + 2 * len(STAGES)
+    assert out["rounds"] == quick_run["rounds"]
+
+
+def test_failure_after_round1_selection_then_resume_gives_the_same_run(quick_run, tmp_path,
+                                                                         monkeypatch):
+    cfg = demo_config(quick=True, **{"evolve.run_dir": str(tmp_path / "run")})
+    monkeypatch.setenv(FAIL_ENV, "round_01/select")
+    with pytest.raises(EvorayError, match="injected failure after round_01/select"):
+        evolve(cfg, say=lambda _: None)
+    assert not (tmp_path / "run" / "round_01" / "adapter").exists()
+    monkeypatch.delenv(FAIL_ENV)
+    lines = []
+    out = evolve(cfg, resume=True, say=lines.append)
+    assert "[evolve] round_01/select: done earlier, skipped" in lines
+    assert not any(line.startswith("[evolve] round_01/train: done earlier") for line in lines)
+    for r in (1, 2):
+        assert _selected_ids(str(tmp_path / "run"), r) == _selected_ids(quick_run["run_dir"], r)
+    for got, want in zip(out["rounds"], quick_run["rounds"], strict=True):
+        assert abs(got["accuracy"] - want["accuracy"]) <= 1e-6
+        assert abs(got["loss"] - want["loss"]) <= 1e-6
+
+
+def test_changed_setting_reruns_what_it_reaches_replay(quick_run, tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(quick_run["run_dir"], run)
+    cfg = demo_config(quick=True, **{"evolve.run_dir": run, "evolve.replay": True})
+    lines = []
+    evolve(cfg, resume=True, say=lines.append)
+    ran = [line.split()[1].rstrip(":") for line in lines
+           if line.startswith("[evolve] round_") and "done earlier" not in line]
+    assert ran == ["round_02/train", "round_02/evaluate"]
+    data = read_records(f"{run}/round_02/train.jsonl", "candidate")
+    both = _selected_ids(run, 1) + _selected_ids(run, 2)
+    assert [x["id"] for x in data] == both
+
+
+def _png_size(path) -> tuple[int, int]:
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_report_of_the_quick_run(quick_run):
+    import re
+    from pathlib import Path
+
+    report = Path(quick_run["report"])
+    text = report.read_text()
+    accs = [m["accuracy"] for m in quick_run["rounds"]]
+    for acc in accs:
+        assert f"{acc:.3f}" in text
+    links = re.findall(r"\]\(([^)]+\.png)\)", text)
+    assert len(links) >= 3
+    for link in links:
+        w, h = _png_size(report.parent / link)
+        assert w > 0 and h > 0
+    import matplotlib.image
+
+    assert np.asarray(matplotlib.image.imread(report.parent / links[0])).size > 0

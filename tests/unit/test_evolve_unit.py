@@ -1,0 +1,78 @@
+"""Pool cleaning, the manifest, and the demo's embedded defaults (no Ray)."""
+
+import json
+
+import pytest
+
+from evoray.config import load_config
+from evoray.demo import demo_config
+from evoray.errors import EvorayError
+from evoray.evolve import Manifest, clean_pool, format_table
+
+
+def _cand(i, prompt, response="A", **extra):
+    return {"id": f"c{i}", "prompt": prompt, "response": response, **extra}
+
+
+def test_clean_pool_drops_invalid_duplicates_and_contaminated(tmp_path):
+    raw = tmp_path / "pool.jsonl"
+    recs = [_cand(0, "What is 1+1?\nA. 2\nAnswer:"),
+            _cand(1, "what is  1+1?\nA. 2\nAnswer:"),          # same after normalising
+            _cand(0, "Another question?\nAnswer:"),              # duplicate id
+            _cand(3, "Eval question?\nAnswer:"),                 # in the eval set
+            {"id": "c4", "prompt": "", "response": "A"},         # invalid: empty prompt
+            {"id": "c5", "prompt": "ok?", "response": "A", "junk": 1},  # invalid: unknown field
+            _cand(6, "What is 1+1?\nA. 2\nAnswer:", "B"),        # same prompt, other response
+            ]
+    lines = [json.dumps(r) for r in recs] + ["{not json"]
+    raw.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "clean.jsonl"
+    stats = clean_pool(str(raw), str(out), {"eval question? answer:"})
+    assert stats == {"generated": 8, "invalid": 3, "duplicates": 2, "contaminated": 1, "kept": 2}
+    kept = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert kept == ["c0", "c6"]
+
+
+def test_clean_pool_that_empties_is_an_error_and_writes_nothing(tmp_path):
+    raw = tmp_path / "pool.jsonl"
+    raw.write_text(json.dumps(_cand(0, "Eval question?\nAnswer:")) + "\n")
+    with pytest.raises(EvorayError, match="no candidate left"):
+        clean_pool(str(raw), str(tmp_path / "clean.jsonl"), {"eval question? answer:"})
+    assert not (tmp_path / "clean.jsonl").exists()
+
+
+def test_manifest_records_and_matches(tmp_path):
+    m = Manifest(str(tmp_path))
+    (tmp_path / "out.txt").write_text("x")
+    m.record("round_01/select", "abc", 1.5, {"selected": 3})
+    again = Manifest(str(tmp_path))
+    assert again.done("round_01/select", "abc", [str(tmp_path / "out.txt")])["stats"] == \
+        {"selected": 3}
+    assert again.done("round_01/select", "other", [str(tmp_path / "out.txt")]) is None
+    assert again.done("round_01/select", "abc", [str(tmp_path / "missing")]) is None
+    (tmp_path / "manifest.json").write_text("{broken")
+    with pytest.raises(EvorayError, match="manifest.json: not valid JSON"):
+        Manifest(str(tmp_path))
+
+
+@pytest.mark.parametrize("quick,name", [(False, "demo"), (True, "quick")])
+def test_job_configs_are_the_demo_defaults(quick, name):
+    assert load_config(f"jobs/configs/{name}.yaml") == demo_config(quick=quick)
+
+
+def test_demo_is_two_rounds_of_600_at_ratio_02_in_process():
+    cfg = demo_config()
+    assert (cfg.model, cfg.generate.kind, cfg.generate.preset) == ("smollm2-135m", "simulated",
+                                                                   "weak")
+    assert (cfg.evolve.rounds, cfg.generate.pool_size, cfg.select.method, cfg.select.ratio,
+            cfg.train.num_workers) == (2, 600, "evoselect", 0.2, 0)
+
+
+def test_format_table_shows_make_up():
+    rows = [{"round": 0, "accuracy": 0.25, "loss": 2.0},
+            {"round": 1, "accuracy": 0.5, "loss": 1.0, "n_generated": 10, "n_clean": 9,
+             "n_selected": 2, "mix": {"clean": 0.5, "wrong_label": 0.5, "off_task": 0.0,
+                                      "near_duplicate": 0.0}}]
+    lines = format_table(rows).splitlines()
+    assert lines[1].split()[:3] == ["0", "0.250", "2.000"]
+    assert lines[2].split() == ["1", "0.500", "1.000", "10", "9", "2", "50", "50", "0", "0"]
