@@ -3,6 +3,8 @@
     python benchmarks/train.py                          # tiny-llama, 120 steps of 8, 3 repeats
     python benchmarks/train.py --model smollm2-135m --steps 20 --threads 4
     python benchmarks/train.py --learn --model smollm2-135m --task compare   # accuracy gain
+    python benchmarks/train.py --learn --model smollm2-135m --task compare --lr 3e-3 \
+        --epochs 5 --target-modules all --lora-r 16 --n-test 200 --threads 2
 
 Both loops train the same fresh LoRA of the same model on the same tokenized examples (a
 built-in task's train split) with the same batch size, AdamW and response-only loss, on the same
@@ -15,7 +17,10 @@ appended to ``benchmarks/results/train.json``.
 
 ``--learn`` measures what training buys instead: test accuracy of the base model, then of the
 model after LoRA training (in-process) on the first ``--n-learn`` clean examples of the task's
-train split.
+train split, evaluated on the first ``--n-test`` questions of the test split (all 500 by default).
+``--lr``, ``--epochs``, ``--batch-size``, ``--lora-r``, ``--lora-alpha`` and ``--target-modules``
+(comma-separated, or ``all`` = attention and MLP projections) set the training; every setting is
+recorded in the appended row.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import time  # noqa: E402
 from collections import Counter  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "train.json")
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _data(task: str, n: int, folder: str) -> str:
@@ -93,13 +99,21 @@ def learn(args) -> None:
                  if r.get("meta", {}).get("kind", "clean") == "clean"][:args.n_learn]
         path = os.path.join(tmp, "clean.jsonl")
         write_records(clean, path, "candidate")
+        test = os.path.join(tmp, "test_n.jsonl")
+        write_records(read_records(paths["test"], "mcq")[:args.n_test], test, "mcq")
+        modules = ALL_LINEAR if args.target_modules == "all" else args.target_modules.split(",")
         t0 = time.perf_counter()
-        base = evaluate(args.model, None, paths["test"], max_length=256)
-        cfg = TrainConfig(epochs=args.epochs, batch_size=8, lr=args.lr, max_length=256, seed=0)
+        base = evaluate(args.model, None, test, max_length=256)
+        cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                          max_length=256, seed=0, lora_r=args.lora_r,
+                          lora_alpha=args.lora_alpha or 4.0 * args.lora_r,
+                          target_modules=modules)
         res = train(path, args.model, cfg=cfg, out=os.path.join(tmp, "adapter"))
-        tuned = evaluate(args.model, res.adapter, paths["test"], max_length=256)
+        tuned = evaluate(args.model, res.adapter, test, max_length=256)
     row = {"experiment": "learn", "model": args.model, "task": args.task,
            "n_train": len(clean), "epochs": args.epochs, "lr": args.lr,
+           "batch_size": cfg.batch_size, "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
+           "target_modules": ",".join(modules), "final_train_loss": round(res.history[-1], 4),
            "base_accuracy": round(base["accuracy"], 4),
            "tuned_accuracy": round(tuned["accuracy"], 4),
            "gain_points": round(100 * (tuned["accuracy"] - base["accuracy"]), 1),
@@ -125,7 +139,7 @@ def main() -> None:
     ap.add_argument("--model", default="tiny-llama")
     ap.add_argument("--task", default="arithmetic")
     ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8, help="samples per step (both modes)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads of each loop")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each loop (median taken)")
     ap.add_argument("--learn", action="store_true",
@@ -133,6 +147,11 @@ def main() -> None:
     ap.add_argument("--n-learn", type=int, default=200)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--n-test", type=int, default=500, help="first N test questions (--learn)")
+    ap.add_argument("--lora-r", type=int, default=8)
+    ap.add_argument("--lora-alpha", type=float, default=None, help="default: 4 x lora_r")
+    ap.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj",
+                    help="LoRA targets, comma-separated, or 'all' (attention + MLP)")
     args = ap.parse_args()
     if args.learn:
         learn(args)

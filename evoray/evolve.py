@@ -321,7 +321,7 @@ class _Loop:
         if cfg.evolve.replay and r > 1:
             data = f"{rd}/train.jsonl"
         train_inputs = [sel_digest, prev_train, config_to_dict(cfg.train), cfg.model,
-                        cfg.evolve.replay and prev and prev["replay_digests"]]
+                        prev["replay_digests"] if (cfg.evolve.replay and prev) else None]
 
         def do_train():
             if data != selected:

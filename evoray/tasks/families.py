@@ -208,5 +208,74 @@ class Compare(Family):
         return self._templates[q.subtask][variant % 3]
 
 
+class Category(Family):
+    name = "category"
+    description = "which of four words names a member of a given category (a fruit, a tool, ...)"
+    # Unambiguous members only: no word belongs to two categories (no "orange", "turkey", ...).
+    _words = {
+        "mammal": ("dog", "cat", "horse", "cow", "sheep", "goat", "lion", "tiger", "bear", "wolf",
+                   "fox", "rabbit", "mouse", "deer", "elephant", "monkey", "zebra", "giraffe",
+                   "camel", "donkey", "pig", "kangaroo", "squirrel", "leopard"),
+        "bird": ("eagle", "sparrow", "owl", "parrot", "pigeon", "crow", "robin", "swan", "duck",
+                 "penguin", "ostrich", "hawk", "falcon", "seagull", "peacock", "flamingo",
+                 "woodpecker", "pelican", "heron", "canary"),
+        "fruit": ("apple", "banana", "pear", "grape", "cherry", "peach", "plum", "mango", "lemon",
+                  "melon", "strawberry", "pineapple", "apricot", "kiwi", "coconut", "papaya",
+                  "raspberry", "blueberry", "watermelon", "fig"),
+        "vegetable": ("carrot", "potato", "onion", "cabbage", "lettuce", "spinach", "broccoli",
+                      "cucumber", "celery", "garlic", "radish", "turnip", "cauliflower", "leek",
+                      "beetroot", "eggplant", "zucchini", "asparagus", "artichoke", "parsnip"),
+        "color": ("red", "blue", "green", "yellow", "purple", "brown", "black", "white", "pink",
+                  "grey", "crimson", "scarlet", "turquoise", "beige", "maroon", "magenta",
+                  "indigo", "cyan"),
+        "country": ("France", "Germany", "Spain", "Italy", "Japan", "China", "India", "Brazil",
+                    "Canada", "Mexico", "Egypt", "Kenya", "Norway", "Sweden", "Poland", "Greece",
+                    "Peru", "Argentina", "Australia", "Russia", "Portugal", "Ireland", "Vietnam",
+                    "Nigeria"),
+        "body part": ("arm", "leg", "hand", "foot", "head", "nose", "ear", "eye", "mouth", "knee",
+                      "elbow", "shoulder", "finger", "toe", "neck", "chin", "ankle", "wrist",
+                      "thumb", "lip"),
+        "tool": ("hammer", "saw", "drill", "wrench", "screwdriver", "chisel", "pliers", "shovel",
+                 "rake", "axe", "trowel", "crowbar", "mallet", "hoe", "spanner"),
+        "vehicle": ("car", "bus", "truck", "train", "bicycle", "motorcycle", "tractor", "van",
+                    "taxi", "tram", "scooter", "airplane", "helicopter", "boat", "ship",
+                    "submarine", "ferry", "jeep", "ambulance", "yacht"),
+        "musical instrument": ("piano", "guitar", "violin", "drum", "flute", "trumpet", "cello",
+                               "harp", "saxophone", "clarinet", "trombone", "banjo", "accordion",
+                               "oboe", "tuba", "ukulele", "harmonica", "xylophone", "mandolin"),
+        "piece of clothing": ("shirt", "trousers", "jacket", "coat", "hat", "sock", "shoe",
+                              "scarf", "glove", "dress", "skirt", "sweater", "belt", "boot",
+                              "blouse", "hoodie", "jeans", "pyjamas"),
+        "sport": ("football", "tennis", "golf", "basketball", "baseball", "hockey", "rugby",
+                  "volleyball", "boxing", "swimming", "cycling", "skiing", "wrestling",
+                  "badminton", "archery", "rowing", "surfing", "karate", "judo"),
+        "metal": ("iron", "copper", "gold", "silver", "zinc", "tin", "aluminium", "nickel",
+                  "platinum", "titanium", "cobalt", "chromium", "magnesium", "tungsten"),
+        "job": ("doctor", "teacher", "nurse", "farmer", "pilot", "lawyer", "baker", "plumber",
+                "dentist", "chef", "engineer", "carpenter", "electrician", "firefighter",
+                "architect", "soldier", "waiter", "pharmacist", "mechanic", "librarian"),
+        "piece of furniture": ("chair", "table", "sofa", "bed", "desk", "wardrobe", "shelf",
+                               "stool", "bench", "cabinet", "dresser", "armchair", "bookcase",
+                               "cupboard", "ottoman"),
+    }
+    _templates = ("Which of these is {a} {cat}?", "Which word names {a} {cat}?",
+                  "One of these words is {a} {cat}. Which one?")
+
+    def sample(self, rng: random.Random) -> Question:
+        cat = rng.choice(sorted(self._words))
+        ans = rng.choice(self._words[cat])
+        others = sorted(c for c in self._words if c != cat)
+        wrong = [rng.choice(self._words[c]) for c in rng.sample(others, 3)]
+        # Every option capitalised alike, so a country's capital letter is no cue.
+        opts, idx = _options(rng, ans.capitalize(), [w.capitalize() for w in wrong])
+        return Question(self.name, f"category:{cat}:{ans}:" + "|".join(sorted(wrong)), cat,
+                        {"cat": cat}, opts, idx)
+
+    def render(self, q: Question, variant: int, style: str = "plain") -> str:
+        cat = q.params["cat"]
+        a = "an" if cat[0] in "aeiou" else "a"
+        return self._templates[variant % 3].format(a=a, cat=cat)
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (Arithmetic(), UnitConversion(), DayOfWeek(),
-                                                    Compare())}
+                                                    Compare(), Category())}

@@ -49,7 +49,8 @@ def test_every_round_writes_its_outputs_and_the_table(quick_run):
         assert abs(sum(m["mix"].values()) - 1) < 1e-9 and abs(sum(m["pool_mix"].values()) - 1) < 1e-9
     # the proxy of round 2 is the round-1 model
     assert stages["round_02/features"]["stats"]["proxy"] == "round 1 model"
-    table = [line for line in quick_run["lines"] if line.lstrip().startswith(("0 ", "1 ", "2 "))]
+    printed = "\n".join(quick_run["lines"]).splitlines()
+    table = [line for line in printed if line.lstrip().startswith(("0 ", "1 ", "2 "))]
     assert [line.split()[0] for line in table] == ["0", "1", "2"]
     assert quick_run["lines"][-1].startswith("[demo] report:")
 

@@ -48,6 +48,10 @@ def test_answers_are_right(task):
             v = q.params["v"]
             expected = v * factor if q.subtask == "to_smaller" else v / factor
             assert float(truth) == pytest.approx(expected)
+        elif task == "category":
+            words = {c: {w.capitalize() for w in ws} for c, ws in FAMILIES[task]._words.items()}
+            assert [o in words[q.subtask] for o in q.options].count(True) == 1
+            assert truth in words[q.subtask]
         else:
             def value(s):
                 return (float(s[:-1]) / 100 if s.endswith("%") else float(Fraction(s)))
