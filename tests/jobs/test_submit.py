@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)
 
 
 def _free_port() -> int:
@@ -99,3 +99,20 @@ def test_failing_job_exits_non_zero(head, tmp_path):
         env=head["env"], capture_output=True, text=True, timeout=240)
     assert result.returncode != 0
     assert "unknown task 'nope'" in result.stdout + result.stderr
+
+
+def test_evolve_job_writes_every_round(head, tmp_path):
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [head["ray"], "job", "submit", "--address", head["address"], "--working-dir", str(ROOT),
+         "--", "python", "jobs/evolve.py", "--config", "jobs/configs/quick.yaml",
+         f"evolve.run_dir={run}"],
+        env=head["env"], capture_output=True, text=True, timeout=540)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "succeeded" in result.stdout
+    for r in ("round_01", "round_02"):
+        names = {p.name for p in (run / r).iterdir()}
+        assert names >= {"pool.jsonl", "clean.jsonl", "features", "selection", "adapter",
+                         "metrics.json"}, names
+        assert (run / r / "selection" / "selected.jsonl").stat().st_size > 0
+        assert (run / r / "adapter" / "adapter_model.safetensors").exists()
