@@ -195,7 +195,7 @@ def _mix(records: list[dict]) -> dict | None:
 
 
 class _Loop:
-    def __init__(self, cfg: Config, resume: bool, say):
+    def __init__(self, cfg: Config, resume: bool, say, progress: bool):
         self.cfg, self.say = cfg, say
         self.run = cfg.evolve.run_dir.rstrip("/")
         self.manifest = Manifest(self.run)
@@ -204,6 +204,7 @@ class _Loop:
                               "--resume to continue it, or set evolve.run_dir to a new folder")
         self.manifest.data["config"] = config_to_dict(cfg)
         self.fail_after = os.environ.get(FAIL_ENV)
+        self.progress = progress
 
     def stage(self, key: str, inputs, outputs: list[str], fn) -> tuple[str, dict]:
         """Run ``fn() -> stats`` unless the manifest holds ``key`` with these inputs; return
@@ -334,7 +335,8 @@ class _Loop:
             if tcfg.storage_path is None and tcfg.num_workers > 0:
                 tcfg = dataclasses.replace(tcfg, storage_path=f"{self.run}/ray_train")
             res = train(data, cfg.model, init_adapter=prev_adapter, cfg=tcfg, out=adapter,
-                        name=f"round_{r:02d}-{train_digest[:10]}", cache_dir=cfg.cache_dir)
+                        name=f"round_{r:02d}-{train_digest[:10]}", cache_dir=cfg.cache_dir,
+                        progress=self.progress)
             return {"examples": res.n_examples, "steps": res.metrics.get("step"),
                     "loss": round(float(res.metrics.get("loss", float("nan"))), 4),
                     "skipped": len(res.skipped)}
@@ -405,13 +407,14 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def evolve(cfg: Config, *, resume: bool = False, say=print) -> dict:
+def evolve(cfg: Config, *, resume: bool = False, say=print, progress: bool = True) -> dict:
     """Run ``cfg.evolve.rounds`` rounds of the loop; see the module docstring for the layout.
 
     Args:
         cfg: the job's config (``evolve``, ``generate``, ``features``, ``select``, ``train``).
         resume: continue the run in ``cfg.evolve.run_dir``, skipping finished stages.
-        say: prints progress lines.
+        say: prints a line as each stage ends, and the final table.
+        progress: training also prints a line every tenth of its steps.
 
     Returns:
         ``{"run_dir", "base": base metrics or None, "rounds": [metrics of each round]}``.
@@ -423,7 +426,7 @@ def evolve(cfg: Config, *, resume: bool = False, say=print) -> dict:
     from evoray.data import read_records
     from evoray.ray_utils import init_ray
 
-    loop = _Loop(cfg, resume, say)
+    loop = _Loop(cfg, resume, say, progress)
     loop.manifest.save()
     files = loop.task_files()
     files["target_records"] = read_records(files["targets"], "target")

@@ -99,7 +99,7 @@ def _input_error(e: BaseException) -> EvorayError | None:
 
 def train(records_path: str, model_spec: str, init_adapter: str | None = None,
           cfg: TrainConfig | None = None, *, out: str, name: str | None = None,
-          cache_dir: str | None = None) -> TrainResult:
+          cache_dir: str | None = None, progress: bool = False) -> TrainResult:
     """Fine-tune a LoRA adapter of ``model_spec`` on the (prompt, response) records.
 
     Args:
@@ -111,6 +111,8 @@ def train(records_path: str, model_spec: str, init_adapter: str | None = None,
         name: Ray Train run name; the same name and ``cfg.storage_path`` resume a run. None = a
             new unique name.
         cache_dir: model cache (see :func:`evoray.models.default_cache_dir`).
+        progress: worker 0 prints a line every tenth of the steps (step, epoch, loss, rate);
+            with workers on Ray the lines reach the driver through Ray's log forwarding.
 
     Raises:
         RecordError: the file is empty or malformed. ResponseTooLong: an example does not fit
@@ -136,7 +138,7 @@ def train(records_path: str, model_spec: str, init_adapter: str | None = None,
     total = cfg.max_steps or cfg.epochs * per_epoch
     loop_cfg = {"cfg": cfg, "model": model_spec, "init_adapter": init_adapter, "out": out,
                 "cache_dir": cache_dir, "steps_per_epoch": per_epoch, "total_steps": total,
-                "rows_per_worker": per_worker}
+                "rows_per_worker": per_worker, "progress": progress}
     datasets = None
     if cfg.num_workers == 0:
         loop_cfg["rows"] = rows

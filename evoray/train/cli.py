@@ -31,7 +31,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
           f"{'max_steps=' + str(cfg.max_steps) if cfg.max_steps else f'{cfg.epochs} epoch(s)'}",
           flush=True)
     t0 = time.perf_counter()
-    res = train(args.data, args.model, args.adapter, cfg, out=args.out, name=args.name)
+    res = train(args.data, args.model, args.adapter, cfg, out=args.out, name=args.name,
+                progress=True)
     hist = res.history
     _table([("examples", f"{res.n_examples} ({len(res.skipped)} skipped)"),
             ("steps", str(res.metrics.get("step"))),
@@ -48,7 +49,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(f"[eval] {args.model}{' + ' + args.adapter if args.adapter else ''} on {args.test}",
           flush=True)
     m = evaluate(args.model, args.adapter, args.test, batch_size=args.batch_size,
-                 max_length=args.max_length, device=args.device)
+                 max_length=args.max_length, device=args.device, num_actors=args.actors,
+                 num_gpus=1.0 if args.device.startswith("cuda") and args.actors else 0.0)
     rows = [("accuracy", f"{m['accuracy']:.4f} ({m['n']} items)"),
             ("response loss", f"{m['loss']:.4f} nats")]
     rows += [(f"  {k}", f"{v['accuracy']:.4f} ({v['n']})") for k, v in m["per_subtask"].items()]
@@ -84,6 +86,9 @@ def register(sub) -> None:
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--max-length", type=int, default=512)
     e.add_argument("--device", default="cpu")
+    e.add_argument("--actors", type=int, default=0,
+                   help="0 = score in this process; N = a Ray Data stage of N actors (large sets; "
+                        "one GPU each with --device cuda)")
     e.set_defaults(func=_cmd_eval)
 
     x = sub.add_parser("export", help="write a merged model folder, or the adapter alone")

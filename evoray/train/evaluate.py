@@ -27,7 +27,7 @@ import torch
 from evoray.data.tokenize import IGNORE, _special_prefix, collate, encode_pair
 from evoray.errors import TrainError
 
-__all__ = ["evaluate", "evaluate_model", "letter_tokens"]
+__all__ = ["evaluate", "evaluate_model", "score_items", "metrics", "letter_tokens", "EvalActor"]
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,9 @@ def letter_tokens(tokenizer, letters: list[str]) -> tuple[int, list[int]]:
 
 
 @torch.inference_mode()
-def evaluate_model(model, tokenizer, items: list[dict], *, batch_size: int = 16,
-                   max_length: int = 512, device: str = "cpu") -> dict:
-    """Metrics of ``model`` (a causal LM, with or without adapter) on validated MCQ ``items``.
-
-    Returns:
-        ``{"accuracy", "loss", "n", "per_subtask": {name: {"accuracy", "n"}}, "predictions"}``;
-        ``predictions`` is the predicted letter of each item, in order.
-    """
+def score_items(model, tokenizer, items: list[dict], *, batch_size: int = 16,
+                max_length: int = 512, device: str = "cpu") -> tuple[list[str], list[float]]:
+    """The predicted letter and the response loss (nats per token) of each MCQ item, in order."""
     model.eval().to(device)
     prefix = _special_prefix(tokenizer)
     preds, losses = [], []
@@ -87,19 +82,87 @@ def evaluate_model(model, tokenizer, items: list[dict], *, batch_size: int = 16,
         for i, item in enumerate(chunk):
             scores = logp[i, cols[i], cands[i]]
             preds.append(item["choices"][int(torch.argmax(scores))])
+    return preds, losses
+
+
+def metrics(items: list[dict], preds: list[str], losses: list[float]) -> dict:
+    """Accuracy, mean loss and per-subtask accuracy from per-item predictions and losses."""
     by_task: dict[str, list[bool]] = defaultdict(list)
     correct = [p == item["answer"] for p, item in zip(preds, items, strict=True)]
     for ok, item in zip(correct, items, strict=True):
         if item.get("subtask"):
             by_task[item["subtask"]].append(ok)
     return {"accuracy": sum(correct) / len(correct), "loss": sum(losses) / len(losses),
-            "n": len(items), "predictions": preds,
+            "n": len(items), "predictions": list(preds),
             "per_subtask": {k: {"accuracy": sum(v) / len(v), "n": len(v)}
                             for k, v in sorted(by_task.items())}}
 
 
+def evaluate_model(model, tokenizer, items: list[dict], *, batch_size: int = 16,
+                   max_length: int = 512, device: str = "cpu") -> dict:
+    """Metrics of ``model`` (a causal LM, with or without adapter) on validated MCQ ``items``.
+
+    Returns:
+        ``{"accuracy", "loss", "n", "per_subtask": {name: {"accuracy", "n"}}, "predictions"}``;
+        ``predictions`` is the predicted letter of each item, in order.
+    """
+    preds, losses = score_items(model, tokenizer, items, batch_size=batch_size,
+                                max_length=max_length, device=device)
+    return metrics(items, preds, losses)
+
+
+def _load(model_spec: str, adapter: str | None, cache_dir: str | None):
+    from evoray.models import load_model
+    from evoray.train.adapter import load_adapter, localize
+
+    model, tok = load_model(model_spec, cache_dir=cache_dir)
+    if adapter:
+        local, handle = localize(adapter)
+        try:
+            model = load_adapter(model, local, trainable=False)
+        finally:
+            if handle is not None:
+                handle.cleanup()
+    return model, tok
+
+
+class EvalActor:
+    """Ray Data actor: loads the model (+ adapter) once, scores batches of MCQ items."""
+
+    def __init__(self, model_spec: str, adapter: str | None, batch_size: int, max_length: int,
+                 device: str, cache_dir: str | None):
+        self.model, self.tok = _load(model_spec, adapter, cache_dir)
+        self.kw = {"batch_size": batch_size, "max_length": max_length, "device": device}
+
+    def __call__(self, batch: dict) -> dict:
+        items = [{"id": i, "prompt": p, "choices": list(c), "answer": a} for i, p, c, a in
+                 zip(batch["id"], batch["prompt"], batch["choices"], batch["answer"],
+                     strict=True)]
+        preds, losses = score_items(self.model, self.tok, items, **self.kw)
+        return {"pos": batch["pos"], "prediction": preds, "loss": losses}
+
+
+def _evaluate_on_ray(model_spec, adapter, items, *, batch_size, max_length, device, cache_dir,
+                     num_actors, num_cpus, num_gpus) -> tuple[list[str], list[float]]:
+    import ray.data
+
+    from evoray.ray_utils import init_ray
+
+    init_ray()
+    rows = [{"pos": n, "id": it["id"], "prompt": it["prompt"], "choices": it["choices"],
+             "answer": it["answer"]} for n, it in enumerate(items)]
+    ds = ray.data.from_items(rows).map_batches(
+        EvalActor, fn_constructor_args=(model_spec, adapter, batch_size, max_length, device,
+                                        cache_dir),
+        batch_size=batch_size * 4, compute=ray.data.ActorPoolStrategy(size=num_actors),
+        num_cpus=num_cpus, num_gpus=num_gpus)
+    out = sorted(ds.take_all(), key=lambda r: r["pos"])
+    return [r["prediction"] for r in out], [float(r["loss"]) for r in out]
+
+
 def evaluate(model_spec: str, adapter: str | None, test_path: str, *, batch_size: int = 16,
-             max_length: int = 512, device: str = "cpu", cache_dir: str | None = None) -> dict:
+             max_length: int = 512, device: str = "cpu", cache_dir: str | None = None,
+             num_actors: int = 0, num_cpus: float = 1.0, num_gpus: float = 0.0) -> dict:
     """Accuracy and mean response loss of ``model_spec`` (+ ``adapter``) on an MCQ file.
 
     Args:
@@ -107,6 +170,9 @@ def evaluate(model_spec: str, adapter: str | None, test_path: str, *, batch_size
         adapter: LoRA adapter folder (path or URI); None = the base model alone.
         test_path: MCQ records (``id``, ``prompt``, ``choices``, ``answer``, optional
             ``subtask``), path or URI.
+        num_actors: 0 = score in this process; N = a Ray Data stage of N actors (each with
+            ``num_cpus``/``num_gpus``), for large test sets. Both give the same predictions; the
+            losses agree to float rounding (batches are cut the same way inside an actor).
 
     Returns:
         See :func:`evaluate_model`.
@@ -116,17 +182,14 @@ def evaluate(model_spec: str, adapter: str | None, test_path: str, *, batch_size
         ModelError: the adapter is missing or was trained on another base model.
     """
     from evoray.data import read_records
-    from evoray.models import load_model
-    from evoray.train.adapter import load_adapter, localize
 
     items = read_records(test_path, "mcq")
-    model, tok = load_model(model_spec, cache_dir=cache_dir)
-    if adapter:
-        local, handle = localize(adapter)
-        try:
-            model = load_adapter(model, local, trainable=False)
-        finally:
-            if handle is not None:
-                handle.cleanup()
-    return evaluate_model(model, tok, items, batch_size=batch_size, max_length=max_length,
-                          device=device)
+    kw = {"batch_size": batch_size, "max_length": max_length, "device": device}
+    if num_actors > 0:
+        _load(model_spec, adapter, cache_dir)  # a wrong model or adapter fails here, readably
+        preds, losses = _evaluate_on_ray(model_spec, adapter, items, cache_dir=cache_dir,
+                                         num_actors=num_actors, num_cpus=num_cpus,
+                                         num_gpus=num_gpus, **kw)
+        return metrics(items, preds, losses)
+    model, tok = _load(model_spec, adapter, cache_dir)
+    return evaluate_model(model, tok, items, **kw)

@@ -196,6 +196,11 @@ def _train(c: dict) -> None:
             epoch_end = k + 1 == per_epoch
             state["epoch"] += epoch_end
             state["step_in_epoch"] = 0 if epoch_end else k + 1
+            if c.get("progress") and rank == 0 and (
+                    state["step"] % max(1, total // 10) == 0 or state["step"] == total):
+                print(f"[train] step {state['step']}/{total} (epoch {state['epoch']}) loss "
+                      f"{loss_sum:.4f}, {samples / (time.perf_counter() - t0):.1f} samples/s",
+                      flush=True)
             if (cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0) or \
                     epoch_end or state["step"] == total:
                 _report(model, tok, optimizer, scheduler, state, c, rank, loss_sum,
