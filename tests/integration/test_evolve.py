@@ -122,3 +122,22 @@ def test_report_of_the_quick_run(quick_run):
     import matplotlib.image
 
     assert np.asarray(matplotlib.image.imread(report.parent / links[0])).size > 0
+
+
+def test_fixed_proxy_reuses_round1_proxy(quick_run, tmp_path):
+    from evoray.data.features import read_features
+
+    run = str(tmp_path / "run")
+    shutil.copytree(quick_run["run_dir"], run)
+    cfg = demo_config(quick=True, **{"evolve.run_dir": run, "evolve.fixed_proxy": True})
+    lines = []
+    evolve(cfg, resume=True, say=lines.append)
+    ran = [line.split()[1].rstrip(":") for line in lines
+           if line.startswith("[evolve] round_") and "done earlier" not in line]
+    assert ran[0] == "round_02/features" and "round_01/features" not in ran
+    assert Manifest(run).stages["round_02/features"]["stats"]["proxy"] == "base + fresh LoRA"
+    t1 = read_features(f"{run}/round_01/features/targets")
+    t2 = read_features(f"{run}/round_02/features/targets")
+    assert t1.X.tobytes() == t2.X.tobytes()  # the same proxy gives the same target features
+    moved = read_features(f"{quick_run['run_dir']}/round_02/features/targets")
+    assert moved.X.tobytes() != t2.X.tobytes()  # the evolving proxy gave other features
