@@ -285,9 +285,14 @@ class EvolveConfig(_Stage):
     test: str | None = _f(None, "test MCQ file, for reporting only")
     fixed_proxy: bool = _f(False, "use the round-1 model as proxy in every round")
     replay: bool = _f(False, "also train on earlier rounds' selections")
+    eval_actors: int = _f(0, "test evaluation: 0 = in the driver; N = a Ray Data stage of N "
+                          "actors (use it when the driver has no GPU, e.g. a CPU head node)")
+    eval_gpus: float = _f(0.0, "GPUs per evaluation actor (the actor then scores on CUDA)")
 
     def _check(self) -> None:
         self._require(self.rounds > 0, "rounds", "must be positive")
+        self._require(self.eval_actors >= 0, "eval_actors", "must be >= 0")
+        self._require(self.eval_gpus >= 0, "eval_gpus", "must be >= 0")
 
 
 @dataclass

@@ -109,6 +109,19 @@ class Manifest:
         return entry
 
 
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("evoray", "torch", "ray", "transformers", "peft", "pot", "faiss-cpu",
+                 "faiss-gpu", "pyarrow"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
 def _normal(text: str) -> str:
     return " ".join(text.lower().split())
 
@@ -203,8 +216,13 @@ class _Loop:
             raise EvorayError(f"{self.run} already holds a run ({self.manifest.path}); pass "
                               "--resume to continue it, or set evolve.run_dir to a new folder")
         self.manifest.data["config"] = config_to_dict(cfg)
+        self.manifest.data["versions"] = _versions()
         self.fail_after = os.environ.get(FAIL_ENV)
         self.progress = progress
+        ev = cfg.evolve
+        self.eval_kw = {"max_length": cfg.train.max_length, "cache_dir": cfg.cache_dir,
+                        "num_actors": ev.eval_actors, "num_gpus": ev.eval_gpus,
+                        "device": "cuda" if ev.eval_gpus > 0 else "cpu"}
 
     def stage(self, key: str, inputs, outputs: list[str], fn) -> tuple[str, dict]:
         """Run ``fn() -> stats`` unless the manifest holds ``key`` with these inputs; return
@@ -350,8 +368,7 @@ class _Loop:
         def do_evaluate():
             m = {"round": r}
             if files["test"]:
-                res = evaluate(cfg.model, adapter, files["test"], max_length=cfg.train.max_length,
-                               cache_dir=cfg.cache_dir)
+                res = evaluate(cfg.model, adapter, files["test"], **self.eval_kw)
                 m.update(accuracy=res["accuracy"], loss=res["loss"], n_test=res["n"],
                          per_subtask=res["per_subtask"])
             picked = read_records(selected, "candidate")
@@ -379,8 +396,7 @@ class _Loop:
         path = f"{self.run}/base/metrics.json"
 
         def do_evaluate():
-            res = evaluate(self.cfg.model, None, files["test"],
-                           max_length=self.cfg.train.max_length, cache_dir=self.cfg.cache_dir)
+            res = evaluate(self.cfg.model, None, files["test"], **self.eval_kw)
             m = {"round": 0, "accuracy": res["accuracy"], "loss": res["loss"], "n_test": res["n"],
                  "per_subtask": res["per_subtask"]}
             atomic_write_bytes(path, (json.dumps(m, indent=2) + "\n").encode())
