@@ -46,7 +46,8 @@ def test_every_round_writes_its_outputs_and_the_table(quick_run):
         with open(f"{rd}/metrics.json") as f:
             m = json.load(f)
         assert m["n_test"] == 500 and 0 <= m["accuracy"] <= 1 and m["n_selected"] == len(picked)
-        assert abs(sum(m["mix"].values()) - 1) < 1e-9 and abs(sum(m["pool_mix"].values()) - 1) < 1e-9
+        assert abs(sum(m["mix"].values()) - 1) < 1e-9
+        assert abs(sum(m["pool_mix"].values()) - 1) < 1e-9
     # the proxy of round 2 is the round-1 model
     assert stages["round_02/features"]["stats"]["proxy"] == "round 1 model"
     printed = "\n".join(quick_run["lines"]).splitlines()
