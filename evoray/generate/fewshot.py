@@ -87,7 +87,12 @@ _ANSWER = re.compile(r"Answer:")
 
 
 class GenerateError(EvorayError):
-    """A generator produced nothing usable, or cannot run with these inputs."""
+    """A generator produced nothing usable, or cannot run with these inputs. ``stats`` holds
+    the counts (``n``, ``dropped``, ``generations``, ...) when generation ran."""
+
+    def __init__(self, message: str, stats: dict | None = None):
+        super().__init__(message)
+        self.stats = stats or {}
 
 
 def few_shot_prompt(examples: list[dict]) -> str:
@@ -235,6 +240,8 @@ def write_pool(generations: list[dict], *, targets: list[dict], plan: list[list[
                         "meta": {"generation": row, "round": round, "shots": shown,
                                  **(meta or {})}})
     total = len(generations)
+    stats = {"n": len(records), "dropped": total - len(records), "generations": total,
+             "unparsable": unparsable, "copies": copies}
     if not records:
         sample = generations[0]["text"] if generations else ""
         why = (f"all {copies} parsed generation(s) repeat a target's or an earlier generation's "
@@ -243,10 +250,8 @@ def write_pool(generations: list[dict], *, targets: list[dict], plan: list[list[
             f"generate ({kind}, model {model!r}, round {round}): no usable candidate in {total} "
             f"generation(s): {why}; a raw output (after the few-shot prompt): {sample[:500]!r}. "
             f"A base or instruct model of reasonable size follows the format; see "
-            f"evoray.generate.fewshot for the rules")
+            f"evoray.generate.fewshot for the rules", stats)
     write_records(records, out, "candidate")
-    stats = {"n": len(records), "dropped": total - len(records), "generations": total,
-             "unparsable": unparsable, "copies": copies}
     log.info("generate (%s): %d of %d generations written to %s (%d unparsable, %d copies)",
              kind, len(records), total, out, unparsable, copies)
     return stats

@@ -113,9 +113,12 @@ def test_hf_adapter_loads_and_unparsable_output_is_a_clear_error(ray_session, tm
     gen = make_generator(_cfg(pool_size=3, max_new_tokens=8))
     ctx = RoundContext(round=1, seed=1, targets=TARGETS, model="tiny-llama", adapter=adapter)
     with pytest.raises(GenerateError, match=r"no usable candidate in 3 generation\(s\): none "
-                                            r"parsed.*a raw output"):
+                                            r"parsed.*a raw output") as err:
         gen.generate(ctx, str(tmp_path / "pool.jsonl"))
     assert not (tmp_path / "pool.jsonl").exists()
+    # tiny-llama's random text: every generation is counted, parsed or dropped
+    stats = err.value.stats
+    assert stats["n"] + stats["dropped"] == stats["generations"] == 3 and stats["n"] == 0
 
 
 def test_vllm_processor_builds_without_vllm(ray_session, scripted):
