@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     from evoray.report import register as register_report
 
     register_report(sub)
+    from evoray.tune import register as register_sweep
+    register_sweep(sub)
     return parser
 
 

@@ -297,22 +297,60 @@ class EvolveConfig(_Stage):
 
 @dataclass
 class SweepConfig(_Stage):
-    """Ray Tune sweep over selection and training parameters."""
+    """Ray Tune sweep over selection and training parameters (``evoray sweep``, evoray.tune).
+
+    Every trial selects from, trains on and is scored with the same shared task, pool and
+    features, computed once; only ``select.*`` and ``train.*`` may vary between trials."""
 
     section: ClassVar[str] = "sweep"
-    space: dict[str, Any] = _f({}, "parameter path -> {grid: [...]} or {choice|uniform|loguniform}")
-    search: Literal["grid", "random", "optuna"] = _f("grid", "search algorithm")
+    space: dict[str, Any] = _f({}, "parameter path (select.* or train.*) -> {grid: [...]}, "
+                               "{choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]} or "
+                               "{randint: [lo, hi]}")
+    search: Literal["grid", "random", "optuna"] = _f(
+        "grid", "grid: every grid point (distributions sampled num_samples times per point); "
+        "random: num_samples draws, grids as choices; optuna: the same through Optuna's TPE "
+        "(needs the optional optuna package)")
     num_samples: int = _f(1, "samples per grid point (grid) or trials (random/optuna)")
-    metric: str = _f("dev_accuracy", "trial metric the scheduler and the best config use")
+    metric: str = _f("dev_accuracy", "trial metric the scheduler and the best config use: "
+                     "dev_accuracy or dev_loss (test metrics are recorded, never optimised)")
     mode: Literal["max", "min"] = _f("max", "whether the metric is maximised")
     scheduler: Literal["fifo", "asha"] = _f("asha", "trial scheduler (ASHA: per-epoch dev metric)")
+    grace_period: int = _f(1, "ASHA: epochs every trial trains before it may be stopped")
+    reduction_factor: float = _f(2.0, "ASHA: a rung keeps the best 1/reduction_factor of trials")
     max_concurrent_trials: int | None = _f(None, "null = derived from the cluster's resources")
+    max_failures: int = _f(1, "retries of a failed trial (Tune FailureConfig); -1 = no limit")
+    trial_cpus: float | None = _f(None, "CPUs each trial's own process reserves (selection, "
+                                  "evaluation, and training when train.num_workers is 0); "
+                                  "null = train.cpus_per_worker")
+    resources: dict[str, float] = _f({}, "cluster resources to plan trials for, e.g. {CPU: 64, "
+                                     "GPU: 8}; empty = the cluster's when the sweep starts (give "
+                                     "them for an autoscaling cluster that starts small)")
+    dev_size: int | None = _f(None, "score trials on the first dev_size dev items; null = all")
+    test_size: int | None = _f(None, "report test accuracy on the first test_size items; "
+                               "null = all")
     sweep_dir: str = _f("runs/sweep", "results, summary and best_config.yaml")
+    shared_dir: str | None = _f(None, "task, pool and features shared by every trial; null = "
+                                "sweep_dir/shared. Sweeps of one pool and proxy may share one")
 
     def _check(self) -> None:
         self._require(self.num_samples > 0, "num_samples", "must be positive")
+        self._require(self.grace_period > 0, "grace_period", "must be positive")
+        self._require(self.reduction_factor > 1, "reduction_factor", "must be > 1")
         self._require(self.max_concurrent_trials is None or self.max_concurrent_trials > 0,
                       "max_concurrent_trials", "must be positive")
+        self._require(self.max_failures >= -1, "max_failures", "must be >= -1 (-1 = no limit)")
+        self._require(self.trial_cpus is None or self.trial_cpus >= 0, "trial_cpus",
+                      "must be >= 0")
+        self._require(self.dev_size is None or self.dev_size > 0, "dev_size", "must be positive")
+        self._require(self.test_size is None or self.test_size > 0, "test_size",
+                      "must be positive")
+        self._require(self.metric in ("dev_accuracy", "dev_loss"), "metric",
+                      "dev_accuracy or dev_loss: trials are chosen on the dev split, and test "
+                      "metrics are for reporting only")
+        for name, amount in self.resources.items():
+            if not isinstance(amount, int | float) or isinstance(amount, bool) or amount < 0:
+                raise ConfigError(f"sweep.resources: {name}: {amount!r} is not a non-negative "
+                                  "number")
 
 
 @dataclass

@@ -6,7 +6,8 @@ comparison has the same key whatever the wording or number format, so splits and
 kept disjoint by key and near-duplicates recognised.
 
 Families: ``arithmetic`` (multi-digit +, −, ×), ``unit_conversion`` (metric, time and imperial
-units, both directions), ``day_of_week`` (days after/before a weekday) and ``compare`` (largest or
+units, both directions), ``day_of_week`` (days after/before a weekday), ``category`` (which word
+belongs to a category; see :class:`Category`) and ``compare`` (largest or
 smallest of four fractions, decimals and percentages).
 """
 
