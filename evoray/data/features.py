@@ -105,7 +105,11 @@ def write_features(path: str, ids, X: np.ndarray, grad_norm=None, loss=None, row
 
 def write_folder_atomically(path: str, fill) -> None:
     """Call ``fill(tmp_path, filesystem)`` to populate a temporary sibling folder, then rename it
-    to ``path`` (replacing an existing folder only after the new one is complete)."""
+    to ``path`` (replacing an existing folder only after the new one is complete).
+
+    Object stores (S3, GCS) cannot rename a folder: there the files are copied into ``path``
+    with ``meta.json`` last, so a folder without ``meta.json`` is an unfinished one (readers of
+    features and the evolve manifest treat it so, and a rerun rewrites it)."""
     fs, p = resolve(path)
     p = p.rstrip("/")
     tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
@@ -114,10 +118,17 @@ def write_folder_atomically(path: str, fill) -> None:
         fill(tmp, fs)
         if fs.get_file_info(p).type != pafs.FileType.NotFound:
             fs.delete_dir(p)
-        fs.move(tmp, p)
-    except BaseException:
-        fs.delete_dir(tmp)
-        raise
+        if isinstance(fs, pafs.LocalFileSystem):
+            fs.move(tmp, p)
+        else:
+            files = [i.path for i in fs.get_file_info(pafs.FileSelector(tmp, recursive=True))
+                     if i.type == pafs.FileType.File]
+            fs.create_dir(p, recursive=True)
+            for f in sorted(files, key=lambda f: (f.endswith(f"/{META_FILE}"), f)):
+                fs.copy_file(f, p + f[len(tmp):])
+    finally:
+        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            fs.delete_dir(tmp)
 
 
 def _parquet_files(path: str) -> tuple[pafs.FileSystem, list[str]]:

@@ -64,3 +64,25 @@ def pafs_selector(path):
     import pyarrow.fs as pafs
 
     return pafs.FileSelector(path, recursive=True)
+
+
+@pytest.mark.timeout(400)
+def test_evolve_and_report_on_s3(ray_session, s3):
+    import json
+
+    from evoray.demo import demo_config
+    from evoray.evolve import evolve
+    from evoray.report import write_report
+
+    uri, fs = s3
+    cfg = demo_config(quick=True, **{"evolve.run_dir": uri("evolve"), "evolve.rounds": 1,
+                                     "generate.pool_size": 60})
+    out = evolve(cfg, say=lambda _: None)
+    with fs.open_input_stream("evoray/evolve/round_01/metrics.json") as f:
+        assert json.loads(f.read())["n_selected"] == out["rounds"][0]["n_selected"] > 0
+    assert fs.get_file_info("evoray/evolve/round_01/adapter/adapter_model.safetensors").size > 0
+    lines = []
+    again = evolve(cfg, resume=True, say=lines.append)
+    assert sum("done earlier" in line for line in lines) == 8 and again["rounds"] == out["rounds"]
+    assert write_report(uri("evolve")) == uri("evolve/report.md")
+    assert fs.get_file_info("evoray/evolve/report.md").size > 0
