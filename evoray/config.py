@@ -133,6 +133,8 @@ class FeaturesConfig(_Stage):
     num_actors: int = _f(1, "feature actors in the pool (ActorPoolStrategy size)")
     num_gpus: float = _f(0.0, "GPUs per actor (0 on CPU)")
     num_cpus: float = _f(1.0, "CPUs per actor; fractional (e.g. 0.5) on a small local machine")
+    threads: int | None = _f(None, "torch threads per actor; null = num_cpus rounded (at least "
+                             "1). Features are bit-identical only between runs with equal threads")
     adam: bool = _f(False, "precondition candidate gradients with a saved Adam state (LESS)")
     seed: int = _f(0, "seed of the Rademacher projection")
     dtype: Literal["float32", "float16"] = _f("float32", "storage type of the feature column")
@@ -153,6 +155,7 @@ class FeaturesConfig(_Stage):
         self._require(self.num_actors > 0, "num_actors", "must be positive")
         self._require(self.num_gpus >= 0, "num_gpus", "must be >= 0")
         self._require(self.num_cpus > 0, "num_cpus", "must be positive")
+        self._require(self.threads is None or self.threads > 0, "threads", "must be positive")
         self._require(self.proj_block_mb > 0, "proj_block_mb", "must be positive")
         self._require(self.proj_cache_mb >= 0, "proj_cache_mb", "must be >= 0")
 

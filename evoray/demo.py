@@ -24,8 +24,10 @@ DEMO = {
     "generate.kind": "simulated", "generate.preset": "weak", "generate.pool_size": 600,
     "evolve.task": "arithmetic", "evolve.rounds": 2, "evolve.run_dir": "runs/demo",
     "select.method": "evoselect", "select.ratio": 0.2,
-    # One feature actor on one CPU: on a 2-core machine the other CPU runs Ray Data's tasks.
-    "features.num_actors": 1, "features.num_cpus": 1.0, "features.max_length": 256,
+    # One feature actor on one CPU, so that the other CPU of a 2-core machine is free for Ray
+    # Data's tasks; its torch uses 2 threads, since the driver is idle while features run.
+    "features.num_actors": 1, "features.num_cpus": 1.0, "features.threads": 2,
+    "features.max_length": 256,
     "train.num_workers": 0, "train.max_length": 256,
 }
 QUICK = {

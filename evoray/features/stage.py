@@ -138,7 +138,7 @@ class FeatureActor:
         self.cfg = FeaturesConfig(**cfg)
         device = "cuda" if self.cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         if device == "cpu":  # a fixed thread count, so kernels (and bits) do not vary by actor
-            torch.set_num_threads(max(1, round(self.cfg.num_cpus)))
+            torch.set_num_threads(self.cfg.threads or max(1, round(self.cfg.num_cpus)))
         base, tok = load_model(model, cache_dir=cache_dir)
         self.extractor = FeatureExtractor(base, tok, self.cfg, adapter=adapter,
                                           adam_state=adam_state, device=device)
