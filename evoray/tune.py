@@ -13,7 +13,8 @@ makes them with the same settings. Trials only read them: each selects (``select
                            clean.jsonl, features/{pool,targets}/
       tune/                the Tune experiment (Tuner.restore reads it) and trial checkpoints
       train/<trial_id>/    Ray Train runs of multi-worker trials
-      trials/<trial_id>/   selection/ and attempts.json (one entry per start of the trial)
+      trials/<trial_id>/   selection/, attempts.json (one entry per start of the trial) and,
+                           while it trains in-process, adapter_NN/ (its latest epochs)
       results.csv, epochs.csv, summary.md, plots/, best_config.yaml   (evoray.tune_report)
 
 **Scores.** ``sweep.metric`` (``dev_accuracy`` or ``dev_loss``) drives the scheduler and the
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import importlib.util
 import json
@@ -244,7 +246,7 @@ def prepare_shared(cfg: Config, shared: str, *, say=print) -> dict[str, str | No
     from evoray.data import read_records, write_records
     from evoray.data.io import _read_bytes, atomic_write_bytes
     from evoray.evolve import Manifest, clean_pool
-    from evoray.features.stage import featurize
+    from evoray.features.stage import _NOT_HASHED, featurize
     from evoray.generate import RoundContext, make_generator
 
     m, ev, sw = Manifest(shared), cfg.evolve, cfg.sweep
@@ -317,7 +319,9 @@ def prepare_shared(cfg: Config, shared: str, *, say=print) -> dict[str, str | No
                   kind="target", cache_dir=cfg.cache_dir)
         return {"proxy": "base + fresh LoRA"}
 
-    stage("features", [clean_d, task_d, cfg.model, config_to_dict(cfg.features)],
+    # placement-only settings (actors, CPUs, batch size) are left out, as featurize does
+    settings = {k: v for k, v in config_to_dict(cfg.features).items() if k not in _NOT_HASHED}
+    stage("features", [clean_d, task_d, cfg.model, settings],
           [f"{p['features_pool']}/meta.json", f"{p['features_targets']}/meta.json"], features)
     return p
 
@@ -415,21 +419,25 @@ def _trial(params: dict, *, base: dict, paths: dict, root: str) -> None:
 
 
 def _epochs_in_process(cfg: Config, paths: dict, data: str, extra: dict, tdir: str) -> None:
+    """Train, score and report epoch after epoch. The working copies of the adapter live in
+    ``tdir/adapter_NN`` (a local temporary folder when ``tdir`` is a URI); Tune copies each
+    reported one into its checkpoint, and the sweep removes the copies left by stopped trials."""
     from ray import tune
 
     from evoray.train import train
 
+    work = tdir if "://" not in tdir else tempfile.mkdtemp(prefix="evoray-sweep-")
     start, adapter = 0, None
     ckpt = tune.get_checkpoint()
     if ckpt is not None:  # a retried or restored trial: go on after its last reported epoch
-        adapter = tempfile.mkdtemp(prefix="evoray-sweep-")
-        with ckpt.as_directory() as d:
-            shutil.copytree(d, adapter, dirs_exist_ok=True)
-        with open(os.path.join(adapter, _STATE)) as f:
+        with ckpt.as_directory() as d, open(os.path.join(d, _STATE)) as f:
             start = json.load(f)["epoch"]
+            adapter = os.path.join(work, f"adapter_{start:02d}")
+            shutil.copytree(d, adapter, dirs_exist_ok=True)
     _note_attempt(tdir, start if ckpt is not None else None)
     for e in range(start, cfg.train.epochs):
-        out = tempfile.mkdtemp(prefix="evoray-sweep-")
+        out = os.path.join(work, f"adapter_{e + 1:02d}")
+        shutil.rmtree(out, ignore_errors=True)  # a copy left by a killed attempt
         tcfg = dataclasses.replace(cfg.train, epochs=1, seed=cfg.train.seed + e)
         t0 = time.perf_counter()
         with _local_train_in_trial():
@@ -685,6 +693,9 @@ def sweep(cfg: Config, *, resume: bool = False, say=print) -> dict:
     if finished < total:
         raise SweepInterrupted(f"the sweep stopped with {finished} of {total} trials finished; "
                                f"rerun with --resume to continue it ({root})")
+    if "://" not in root:  # adapter copies of trials that were stopped mid-way
+        for left in glob.glob(os.path.join(root, "trials", "*", "adapter_*")):
+            shutil.rmtree(left, ignore_errors=True)
     seconds = time.perf_counter() - t0
     files = write_outputs(cfg, space, rows, epochs, seconds=seconds, resumed=resumed)
     best = files.pop("best")

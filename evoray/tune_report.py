@@ -4,7 +4,8 @@ and ``best_config.yaml``.
 * ``results.csv``: one row per trial: ``trial_id``, ``status`` (``done``; ``stopped``: ASHA ended
   it before its last epoch; ``error``), the swept parameters, each trial's effective ``method``,
   ``ratio``, ``lam`` and ``epochs``, ``epochs_run``, the last reported metrics (dev and test
-  accuracy and loss, training loss, selection size and make-up) and ``time_s``.
+  accuracy and loss, training loss, selection size and make-up), ``time_s`` and ``checkpoint``
+  (the adapter of the last reported epoch).
 * ``epochs.csv``: every report (trial × epoch), as the scheduler saw them.
 * ``summary.md``: the best config per method; tables of dev accuracy with λ (``select.lam``,
   EvoSelect trials) as rows and ratio as columns, and of method × ratio when methods vary, each
@@ -62,8 +63,8 @@ def collect(grid, cfg: Config, space: dict, finished: set[str]) -> tuple[list[di
         tcfg = cfg
         for key, value in params.items():
             tcfg = apply_override(tcfg, key, value)
-        found = re.search(r"[0-9a-f]{5}_\d{5}", os.path.basename(str(res.path)))
-        tid = m.get("trial_id") or (found.group(0) if found else str(res.path))
+        found = re.search(r"trial_([0-9a-f]{5}_\d{5}|[0-9a-f]{8})", os.path.basename(str(res.path)))
+        tid = m.get("trial_id") or (found.group(1) if found else str(res.path))
         run = int(m.get("epoch") or 0)
         status = ("error" if res.error else "unfinished" if tid not in finished else
                   "stopped" if run < tcfg.train.epochs else "done")
@@ -71,6 +72,8 @@ def collect(grid, cfg: Config, space: dict, finished: set[str]) -> tuple[list[di
                      "method": tcfg.select.method, "ratio": tcfg.select.ratio,
                      "lam": tcfg.select.lam, "epochs": tcfg.train.epochs, "epochs_run": run,
                      **{k: m.get(k) for k in METRICS}, "time_s": m.get("time_total_s"),
+                     "checkpoint": res.checkpoint.path if res.checkpoint else
+                     m.get("checkpoint_path"),
                      "error": str(res.error).splitlines()[0][:300] if res.error else ""})
         df = res.metrics_dataframe
         if df is not None and len(df):
@@ -137,6 +140,9 @@ def _lines_plot(series: dict[str, dict], xlabel: str, title: str, metric: str, m
                 ax.plot(*zip(*pts, strict=True), marker="o", label=label)
         if log_x:
             ax.set_xscale("log")
+            ax.minorticks_off()
+        ticks = sorted({r[x_key] for rows, x_key in series.values() for r in rows})
+        ax.set_xticks(ticks, labels=[f"{t:g}" for t in ticks])
         ax.set_xlabel(xlabel)
         ax.set_title(f"{value.replace('_', ' ')} ({title})")
         ax.grid(alpha=0.3)
@@ -179,7 +185,8 @@ def write_outputs(cfg: Config, space: dict, rows: list[dict], epochs: list[dict]
     columns = ["trial_id", "status", *[k for k in space if k not in
                                        ("select.method", "select.ratio", "select.lam",
                                         "train.epochs")],
-               "method", "ratio", "lam", "epochs", "epochs_run", *METRICS, "time_s", "error"]
+               "method", "ratio", "lam", "epochs", "epochs_run", *METRICS, "time_s", "checkpoint",
+               "error"]
     atomic_write_bytes(files["results.csv"], _csv(rows, columns))
     atomic_write_bytes(files["epochs.csv"], _csv(epochs, list(EPOCH_COLUMNS)))
     best = best_row(rows, sw.metric, sw.mode)
@@ -201,15 +208,18 @@ def write_outputs(cfg: Config, space: dict, rows: list[dict], epochs: list[dict]
     status = {s: sum(r["status"] == s for r in rows) for s in ("done", "stopped", "error")}
     md = [f"# Sweep: {root}", "",
           f"Model `{cfg.model}`, task `{cfg.evolve.task}`, pool {best.get('pool')} candidates "
-          f"({cfg.generate.kind}/{cfg.generate.preset}), features dim {cfg.features.dim}; "
+          f"({cfg.generate.kind}/{cfg.generate.preset}), features dim "
+          f"{cfg.features.dim or 'default (1024 on CPU, 8192 on GPU)'}; "
           f"{len(rows)} trials ({status['done']} done, {status['stopped']} stopped early by "
           f"{sw.scheduler.upper()}, {status['error']} failed) over {', '.join(space)}; "
           f"{sw.search} search. Trials ranked by **{sw.metric}** ({sw.mode}) on the dev split "
           f"(the last reported epoch); test accuracy is reported beside it, never used to "
           f"choose. Wall time {seconds:.0f} s{' (this run, after --resume)' if resumed else ''}.",
-          "", f"Best trial: {best['trial_id']} ({', '.join(f'{k}={best[k]}' for k in space)}), "
+          "", f"Best trial (ties: the first trial id): {best['trial_id']} ("
+          f"{', '.join(f'{k}={best[k]}' for k in space)}), "
           f"dev accuracy {_num(best.get('dev_accuracy')) or float('nan'):.3f}, test accuracy "
-          f"{_num(best.get('test_accuracy')) or float('nan'):.3f} → `best_config.yaml`.", "",
+          f"{_num(best.get('test_accuracy')) or float('nan'):.3f} → `best_config.yaml`; its "
+          f"adapter: `{best.get('checkpoint') or '-'}`.", "",
           "## Best config per method", "", *_best_per_method(rows, space, sw.metric, sw.mode)]
     plots = {}
     evo = [r for r in rows if r["method"] == "evoselect"]

@@ -118,13 +118,13 @@ def test_resources_no_trial_can_get(overrides, available, largest, part):
     (["sweep.space={select.ratio: {grid: []}}"], "empty grid"),
     (["train.num_workers=4", "sweep.resources={CPU: 2}"], "no trial can start"),
 ])
-def test_cli_errors_come_before_ray(tmp_path, capsys, overrides, part):
-    import ray
+def test_cli_errors_come_before_ray(tmp_path, capsys, monkeypatch, overrides, part):
+    import evoray.tune
 
+    monkeypatch.setattr(evoray.tune, "_start_ray", lambda cfg: pytest.fail("Ray was started"))
     assert main(["sweep", QUICK, f"sweep.sweep_dir={tmp_path / 's'}", *overrides]) == 2
     err = capsys.readouterr().err
     assert err.startswith("evoray: error: ") and part in err and err.count("\n") == 1
-    assert not ray.is_initialized()
     assert not (tmp_path / "s").exists()
 
 
@@ -191,6 +191,7 @@ def test_collect_statuses_from_tune_results():
         m = {"trial_id": tid, "epoch": epochs, "dev_accuracy": 0.3, "time_total_s": 2.0}
         df = pd.DataFrame([{**m, "epoch": e + 1} for e in range(epochs)])
         return SimpleNamespace(metrics=m if epochs else {}, error=error, metrics_dataframe=df,
+                               checkpoint=None,
                                config={"select.ratio": 0.1, "select.lam": 0.0},
                                path=f"/x/tune/_trial_{tid}_0_select_lam=0.0")
 

@@ -97,6 +97,9 @@ def test_quick_sweep_writes_one_row_per_trial_with_finite_metrics(quick_sweep):
     md = (root / "summary.md").read_text()
     assert "λ (rows) × ratio (columns)" in md and (root / "plots" / "tradeoff.png").exists()
     assert out["best"]["trial_id"] in per_trial
+    best = next(r for r in rows if r["trial_id"] == out["best"]["trial_id"])
+    assert (Path(best["checkpoint"]) / "adapter_model.safetensors").exists()
+    assert not list(root.glob("trials/*/adapter_*"))  # working copies removed at the end
 
 
 def test_features_are_extracted_once_for_every_trial(quick_sweep):
