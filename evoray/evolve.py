@@ -166,13 +166,13 @@ def clean_pool(path: str, out: str, eval_prompts: set[str]) -> dict:
         EvorayError: no candidate is left.
     """
     records, invalid = _raw_records(path)
+    unit = "line" if detect_format(path) == "jsonl" else "row"
     kept, seen_ids, seen_pairs = [], set(), set()
     dup = contaminated = 0
     first_error = None
     for rec, n in records:
-        where = {"line": n} if detect_format(path) == "jsonl" else {"row": n}
         try:
-            rec = validate_record(rec, "candidate", path=path, **where)
+            rec = validate_record(rec, "candidate", path=path, **{unit: n})
         except RecordError as e:
             invalid += 1
             first_error = first_error or str(e)

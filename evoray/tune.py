@@ -349,18 +349,11 @@ def _local_train_in_trial():
 def _scores(cfg: Config, paths: dict, adapter: str) -> dict:
     """Dev (and test) accuracy and response loss of base + ``adapter``, model loaded once."""
     from evoray.data import read_records
-    from evoray.models import load_model
     from evoray.train import evaluate_model
-    from evoray.train.adapter import load_adapter, localize
+    from evoray.train.adapter import load_with_adapter
 
     t0 = time.perf_counter()
-    model, tok = load_model(cfg.model, cache_dir=cfg.cache_dir)
-    local, handle = localize(adapter)
-    try:
-        model = load_adapter(model, local, trainable=False)
-    finally:
-        if handle is not None:
-            handle.cleanup()
+    model, tok = load_with_adapter(cfg.model, adapter, cache_dir=cfg.cache_dir)
     out = {}
     for split in ("dev", "test"):
         if paths[split]:

@@ -139,20 +139,14 @@ class GenActor:
                  num_cpus: float, num_gpus: float):
         import torch
 
-        from evoray.models import load_model
-        from evoray.train.adapter import load_adapter, localize
+        from evoray.train.adapter import load_with_adapter
 
         self.device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
         if self.device == "cpu":  # a fixed thread count, so kernels (and bits) do not vary
             torch.set_num_threads(max(1, round(num_cpus)))
-        base, tok = load_model(model, cache_dir=cache_dir)
+        base, tok = load_with_adapter(model, adapter, cache_dir=cache_dir)
         if adapter:
-            local, tmp = localize(adapter)
-            try:
-                base = load_adapter(base, local, trainable=False).merge_and_unload()
-            finally:
-                if tmp is not None:
-                    tmp.cleanup()
+            base = base.merge_and_unload()
         tok.padding_side = "left"  # decoder-only generation continues the last real token
         self.model, self.tok = base.to(self.device).eval(), tok
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p

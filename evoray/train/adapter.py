@@ -98,6 +98,26 @@ def load_adapter(model, adapter: str, *, trainable: bool):
                          f"{str(e).splitlines()[0]}") from None
 
 
+def load_with_adapter(model_spec: str, adapter: str | None, *, cache_dir: str | None = None):
+    """``(model, tokenizer)``: the base ``model_spec`` wrapped with the adapter folder
+    ``adapter`` (path or URI; frozen), or the base alone when ``adapter`` is None.
+
+    Raises:
+        ModelError: the adapter is missing or was trained on another base model.
+    """
+    from evoray.models import load_model
+
+    model, tok = load_model(model_spec, cache_dir=cache_dir)
+    if adapter:
+        local, handle = localize(adapter)
+        try:
+            model = load_adapter(model, local, trainable=False)
+        finally:
+            if handle is not None:
+                handle.cleanup()
+    return model, tok
+
+
 def fresh_adapter(model, cfg, seed: int):
     """A new trainable LoRA (``cfg``: a TrainConfig) with ``A`` drawn from ``seed``."""
     from peft import LoraConfig, get_peft_model

@@ -70,16 +70,9 @@ def _rows(records_path: str, model_spec: str, cfg: TrainConfig, cache_dir: str |
 
 
 def _check_init_adapter(init_adapter: str, model_spec: str, cache_dir: str | None) -> None:
-    from evoray.models import load_model
-    from evoray.train.adapter import load_adapter, localize
+    from evoray.train.adapter import load_with_adapter
 
-    local, handle = localize(init_adapter)
-    try:
-        model, _ = load_model(model_spec, cache_dir=cache_dir)
-        load_adapter(model, local, trainable=False)
-    finally:
-        if handle is not None:
-            handle.cleanup()
+    load_with_adapter(model_spec, init_adapter, cache_dir=cache_dir)
 
 
 def _input_error(e: BaseException) -> EvorayError | None:

@@ -26,6 +26,7 @@ import torch
 
 from evoray.data.tokenize import IGNORE, _special_prefix, collate, encode_pair
 from evoray.errors import TrainError
+from evoray.train.adapter import load_with_adapter
 
 __all__ = ["evaluate", "evaluate_model", "score_items", "metrics", "letter_tokens", "EvalActor"]
 
@@ -111,27 +112,12 @@ def evaluate_model(model, tokenizer, items: list[dict], *, batch_size: int = 16,
     return metrics(items, preds, losses)
 
 
-def _load(model_spec: str, adapter: str | None, cache_dir: str | None):
-    from evoray.models import load_model
-    from evoray.train.adapter import load_adapter, localize
-
-    model, tok = load_model(model_spec, cache_dir=cache_dir)
-    if adapter:
-        local, handle = localize(adapter)
-        try:
-            model = load_adapter(model, local, trainable=False)
-        finally:
-            if handle is not None:
-                handle.cleanup()
-    return model, tok
-
-
 class EvalActor:
     """Ray Data actor: loads the model (+ adapter) once, scores batches of MCQ items."""
 
     def __init__(self, model_spec: str, adapter: str | None, batch_size: int, max_length: int,
                  device: str, cache_dir: str | None):
-        self.model, self.tok = _load(model_spec, adapter, cache_dir)
+        self.model, self.tok = load_with_adapter(model_spec, adapter, cache_dir=cache_dir)
         self.kw = {"batch_size": batch_size, "max_length": max_length, "device": device}
 
     def __call__(self, batch: dict) -> dict:
@@ -186,10 +172,11 @@ def evaluate(model_spec: str, adapter: str | None, test_path: str, *, batch_size
     items = read_records(test_path, "mcq")
     kw = {"batch_size": batch_size, "max_length": max_length, "device": device}
     if num_actors > 0:
-        _load(model_spec, adapter, cache_dir)  # a wrong model or adapter fails here, readably
+        # a wrong model or adapter fails here, readably, before any actor starts
+        load_with_adapter(model_spec, adapter, cache_dir=cache_dir)
         preds, losses = _evaluate_on_ray(model_spec, adapter, items, cache_dir=cache_dir,
                                          num_actors=num_actors, num_cpus=num_cpus,
                                          num_gpus=num_gpus, **kw)
         return metrics(items, preds, losses)
-    model, tok = _load(model_spec, adapter, cache_dir)
+    model, tok = load_with_adapter(model_spec, adapter, cache_dir=cache_dir)
     return evaluate_model(model, tok, items, **kw)
