@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from evoray.ray_utils import show_console_errors
+
+    show_console_errors(args.debug)
     try:
         from transformers.utils import logging as hf_logging
 

@@ -27,7 +27,15 @@ class RecordError(EvorayError, ValueError):
             where += f": row {row}"
         if field is not None:
             where += f": field '{field}'"
+        self.message = message
         super().__init__(f"{where}: {message}")
+
+    def __reduce__(self):  # picklable, so that Ray brings it back from a task unchanged
+        return _record_error, (self.path, self.message, self.line, self.row, self.field)
+
+
+def _record_error(path, message, line, row, field) -> RecordError:
+    return RecordError(path, message, line=line, row=row, field=field)
 
 
 class ConfigError(EvorayError, ValueError):

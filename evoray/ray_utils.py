@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import logging
 
+# Whether Ray Data's console shows the errors (with tracebacks) it logs before raising them. The
+# CLI turns this off unless --debug: it prints evoray's own error in one line, and the session's
+# ray-data.log keeps Ray's copy.
+_console_errors = True
+
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> bool:
     """Join the Ray cluster at `address` (or the one `ray job submit` runs in), else start a local
@@ -22,7 +27,31 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
         started = True
     if quiet:
         quiet_ray_data()
+    if not _console_errors:
+        _drop_console_errors()
     return started
+
+
+def show_console_errors(show: bool) -> None:
+    """Let Ray Data's console show the task errors it logs (default), or leave them to
+    ``ray-data.log`` in the session folder (the CLI without ``--debug``). Applies to Ray
+    sessions that :func:`init_ray` starts or joins from now on."""
+    global _console_errors
+    _console_errors = show
+
+
+class _BelowError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+def _drop_console_errors() -> None:
+    import ray.data  # noqa: F401  (configures the "ray.data" logger and its handlers)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not any(
+                isinstance(f, _BelowError) for f in handler.filters):
+            handler.addFilter(_BelowError())
 
 
 def quiet_ray_data() -> None:

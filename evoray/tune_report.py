@@ -77,9 +77,13 @@ def collect(grid, cfg: Config, space: dict, finished: set[str]) -> tuple[list[di
                      "error": str(res.error).splitlines()[0][:300] if res.error else ""})
         df = res.metrics_dataframe
         if df is not None and len(df):
+            # A trial cut off by a stopped driver may report an epoch again after --resume
+            # (it restarts from its last checkpoint, or afresh): keep each epoch's last report.
+            last = {}
             for rec in df.to_dict("records"):
-                epochs.append({k: rec.get(k, tid if k == "trial_id" else None)
-                               for k in EPOCH_COLUMNS})
+                last[rec.get("epoch")] = {k: rec.get(k, tid if k == "trial_id" else None)
+                                          for k in EPOCH_COLUMNS}
+            epochs.extend(last.values())
     return sorted(rows, key=lambda r: r["trial_id"]), epochs
 
 

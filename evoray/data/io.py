@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from evoray.data.records import KINDS, validate_records
+from evoray.data.records import KINDS, validate_record, validate_records
 from evoray.errors import RecordError
 
 if TYPE_CHECKING:
@@ -34,6 +34,9 @@ __all__ = ["FORMATS", "detect_format", "resolve", "read_records", "write_records
            "read_dataset", "write_dataset", "atomic_write_bytes", "exists"]
 
 FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
+# A record is a training sample, not a document: a JSONL line beyond this is refused (a runaway
+# generator or a broken file), which also bounds what a reader must hold to judge one line.
+MAX_LINE_CHARS = 1 << 20
 
 
 def resolve(path: str) -> tuple[pafs.FileSystem, str]:
@@ -75,9 +78,12 @@ def _parse_jsonl(path: str, data: bytes) -> tuple[list, list[int]]:
         line = data[: e.start].count(b"\n") + 1
         raise RecordError(path, f"not valid UTF-8 (byte {e.start})", line=line) from None
     records, lines = [], []
-    for n, raw in enumerate(text.splitlines(), start=1):
+    for n, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
+        if len(raw) > MAX_LINE_CHARS:
+            raise RecordError(path, f"the line holds {len(raw):,} characters; a record may hold "
+                              f"at most {MAX_LINE_CHARS:,}", line=n)
         try:
             records.append(json.loads(raw))
         except json.JSONDecodeError as e:
@@ -163,30 +169,49 @@ def write_records(records: list[dict], path: str, kind: str) -> None:
 
 
 class _ParseJsonl:
-    """Ray Data batch function: JSONL lines -> string columns, ids as strings."""
+    """Ray Data batch function: whole JSONL files (one row each, from ``read_binary_files``) ->
+    validated records (:func:`validate_records`: errors name the file, line and field) as string
+    columns, ids as strings, ``meta`` as a JSON string."""
 
-    def __init__(self, path: str, columns: list[str]):
-        self.path, self.columns = path, columns
+    def __init__(self, path: str, kind: str, columns: list[str]):
+        self.path, self.kind, self.columns = path, kind, columns
 
     def __call__(self, batch: dict) -> dict:
         rows = []
-        for line in batch["text"]:
+        for data in batch["bytes"]:
+            records, lines = _parse_jsonl(self.path, bytes(data))
+            rows += validate_records(records, self.kind, path=self.path, unit="line",
+                                     positions=lines)
+        return {c: [None if r.get(c) is None else r[c] if isinstance(r[c], str) else
+                    json.dumps(r[c]) for r in rows] for c in self.columns}
+
+
+class _CheckParquet:
+    """Ray Data batch function: every record of a Parquet block against its kind's schema. Rows
+    are named by id, since a block does not know its row numbers in the file."""
+
+    def __init__(self, path: str, kind: str):
+        self.path, self.kind = path, kind
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        for rec in table.to_pylist():
+            if isinstance(rec.get("meta"), str):
+                rec["meta"] = json.loads(rec["meta"])
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise RecordError(self.path, f"malformed JSON: {e.msg}") from None
-        out = {}
-        for c in self.columns:
-            values = [r.get(c) for r in rows]
-            out[c] = [None if v is None else (v if isinstance(v, str) else json.dumps(v)
-                      if c == "meta" else str(v)) for v in values]
-        return out
+                validate_record(rec, self.kind, path=self.path)
+            except RecordError as e:
+                raise RecordError(self.path, f"record id {rec.get('id')!r}: "
+                                  f"{str(e).split(': ', 1)[1]}") from None
+        return table
 
 
 def _first_record(path: str, fs: pafs.FileSystem, p: str) -> dict:
     with fs.open_input_stream(p) as f:
-        head = f.read(1 << 20).decode("utf-8", errors="replace")
-    for n, line in enumerate(head.splitlines(), start=1):
+        head = f.read(4 * MAX_LINE_CHARS + 1).decode("utf-8", errors="replace")
+    for n, line in enumerate(head.split("\n"), start=1):
+        if len(line) > MAX_LINE_CHARS:
+            raise RecordError(path, f"the line holds more than {MAX_LINE_CHARS:,} characters; a "
+                              f"record may hold at most {MAX_LINE_CHARS:,}", line=n)
         if line.strip():
             try:
                 rec = json.loads(line)
@@ -203,11 +228,13 @@ def read_dataset(path: str, kind: str = "candidate", *,
     """Open a large record file (or a folder of Parquet files) as a Ray Data dataset.
 
     The schema is checked on the driver before anything runs: every required field of ``kind``
-    must be present and none may be unknown (JSONL: judged on the first record). Row-level checks
-    (empty strings, duplicate ids) are the job of :func:`read_records`, for files small enough to
-    hold on the driver. JSONL is read as text and parsed in Ray tasks (Arrow's JSON reader rejects
-    integer ids and free-form ``meta``); ids come out as strings and ``meta`` as a JSON string,
-    as in Parquet.
+    must be present and none may be unknown (JSONL: judged on the first record). Then every
+    record is validated in the Ray tasks that read it, as :func:`read_records` does: a JSONL file
+    is read whole by one task (Arrow's JSON reader rejects integer ids and free-form ``meta``), so
+    its errors name the line and duplicate ids within it are caught; Parquet rows are named by id.
+    Errors raised there reach the caller wrapped by Ray (see ``evoray.ray_utils.user_error``).
+    Duplicate ids across the files of a Parquet folder are the caller's to check. Ids come out
+    as strings and ``meta`` as a JSON string, as in Parquet.
 
     Args:
         path: local path or URI of a ``.jsonl`` or ``.parquet`` file, or a folder of ``.parquet``.
@@ -239,8 +266,10 @@ def read_dataset(path: str, kind: str = "candidate", *,
     if not columns:  # JSONL: every field of the kind (absent ones as nulls)
         columns = [n for n in fields if n in names] if fmt == "parquet" else list(fields)
     if fmt == "jsonl":
-        ds = ray.data.read_text(p, filesystem=fs, **read_args)
-        return ds.map_batches(_ParseJsonl(path, columns), batch_format="numpy")
+        ds = ray.data.read_binary_files(p, filesystem=fs, **read_args)
+        return ds.map_batches(_ParseJsonl(path, kind, columns), batch_size=1,
+                              batch_format="numpy")
+    ds = ds.map_batches(_CheckParquet(path, kind), batch_format="pyarrow")
     ds = ds.select_columns(columns)
     if "id" in columns and not pa.types.is_string(ds.schema().base_schema.field("id").type):
         ds = ds.map_batches(lambda b: {**b, "id": b["id"].astype(str)}, batch_format="numpy")

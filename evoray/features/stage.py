@@ -233,8 +233,12 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
                     "CPUs for Ray Data's read and sort tasks, which then wait forever unless "
                     "the cluster grows; lower features.num_cpus (e.g. 0.5) or num_actors",
                     cfg.num_actors, cfg.num_cpus, total)
+    ctx = ray.data.DataContext.get_current()
+    # A UDF's own error (a RecordError naming file, line and field) instead of Ray Data's
+    # UserCodeException, whose cause does not survive the trip back to the driver.
+    raise_original = ctx.raise_original_map_exception
+    ctx.raise_original_map_exception = True
     try:
-        ctx = ray.data.DataContext.get_current()
         preserve = ctx.execution_options.preserve_order
         ctx.execution_options.preserve_order = True
         try:
@@ -245,8 +249,19 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
                 batch_size=256, batch_format="numpy")
             tokens = tokens.materialize()
             plan = tokens.select_columns(["id", "length", "status"]).to_pandas()
+        except Exception as e:  # a bad record, found by the tasks that read it
+            inner = _unwrap(e)
+            if isinstance(inner, EvorayError):
+                raise inner from None
+            raise
         finally:
             ctx.execution_options.preserve_order = preserve
+        dup = plan["id"].duplicated()
+        if dup.any():  # JSONL is checked per file; a Parquet folder's files only here
+            r = int(np.flatnonzero(dup)[0])
+            raise RecordError(pool_path, f"duplicate id {plan['id'][r]!r} (rows "
+                              f"{int(np.flatnonzero(plan['id'] == plan['id'][r])[0]) + 1} and "
+                              f"{r + 1}); ids must be unique", field="id")
         bad = np.flatnonzero(plan["status"].to_numpy() != "")
         if len(bad) and cfg.on_bad == "error":
             r = int(bad[0])
@@ -306,6 +321,7 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
                 raise inner from None
             raise
     finally:
+        ctx.raise_original_map_exception = raise_original
         if started:
             ray.shutdown()
     log.info("features of %d candidates written to %s in %.1f s", len(order), out,

@@ -201,3 +201,25 @@ def test_collect_statuses_from_tune_results():
     assert [r["status"] for r in rows] == ["done", "stopped", "unfinished", "error"]
     assert rows[3]["trial_id"] == "abcde_00003" and rows[3]["error"] == "boom"
     assert len(epochs) == 4 and rows[0]["epochs_run"] == 2
+
+
+def test_collect_keeps_one_row_per_epoch_after_a_resume():
+    """A trial cut off by a stopped driver reports epoch 1 again after --resume (it restarted
+    afresh): epochs.csv keeps the later report only."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from evoray.tune_report import collect
+
+    cfg = _cfg()
+    space = check_config(cfg)
+    reports = [{"trial_id": "abcde_00000", "epoch": 1, "dev_accuracy": 0.1},
+               {"trial_id": "abcde_00000", "epoch": 1, "dev_accuracy": 0.2},
+               {"trial_id": "abcde_00000", "epoch": 2, "dev_accuracy": 0.3}]
+    res = SimpleNamespace(metrics=reports[-1], error=None, metrics_dataframe=pd.DataFrame(reports),
+                          checkpoint=None, config={"select.ratio": 0.1, "select.lam": 0.0},
+                          path="/x/tune/_trial_abcde_00000_0")
+    rows, epochs = collect([res], cfg, space, {"abcde_00000"})
+    assert [(e["epoch"], e["dev_accuracy"]) for e in epochs] == [(1, 0.2), (2, 0.3)]
+    assert rows[0]["epochs_run"] == 2

@@ -1,0 +1,291 @@
+"""Load: the features stage over a large pool within fixed memory limits.
+
+``featurize`` (:func:`evoray.features.stage.featurize`) over a pool of ``--n`` candidates (default
+100,000, the built-in ``arithmetic`` task's simulated ``weak`` generator) with the ``tiny-llama``
+proxy on 2 feature actors (``features.num_actors=2``, ``num_cpus=0.5`` each: a 2-CPU machine),
+on a local Ray started with a 2 GiB object store. Shows three limits:
+
+* **object store**: peak use stays within ``--store-gb`` (2 GiB);
+* **no spilling**: Ray spills nothing to disk (nor falls back to a file-backed mmap);
+* **driver memory**: peak RSS of this process stays under ``--rss-gb`` (2 GB).
+
+How each figure is measured, while ``featurize`` runs in the main thread:
+
+* object-store use, spill and fallback bytes: a background thread asks the raylet every
+  ``--interval`` seconds for its store stats (``ray._private.internal_api.get_memory_info_reply``,
+  the reply behind ``ray memory --stats-only``: ``object_store_bytes_used``,
+  ``spilled_bytes_total``, ``object_store_bytes_fallback``); the peak is the largest sample. At the
+  end, the same stats once more (``spilled_bytes_total`` is cumulative, so a spill between two
+  samples is still counted) and the bytes of files in Ray's spill directory, sampled as well;
+* driver RSS: the same thread samples ``psutil.Process().memory_info().rss``; the kernel's own
+  peak, ``resource.getrusage(RUSAGE_SELF).ru_maxrss``, covers the whole process life (imports,
+  Ray start), with no sampling gap. The pool is generated in a subprocess so that it does not count.
+
+Prints a table, exits with status 1 if a limit is missed; writes ``benchmarks/results/scale.json``
+and ``benchmarks/results/scale.md``.
+
+    python benchmarks/scale.py [--n 100000] [--out runs/scale] [--batch-size 16]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Running a script puts its folder first on sys.path, where benchmarks/select.py would shadow the
+# standard library's `select` module (used by subprocess, asyncio, ...): take it off first.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+# A hermetic local benchmark: no token file to write or read (Ray 2.60 enables token auth).
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import psutil  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+GiB = 1024**3
+MODEL, TASK = "tiny-llama", "arithmetic"
+
+
+def make_pool(n: int, work: Path) -> tuple[str, float]:
+    """The task's pool of ``n`` candidates (reused if already written with that size), written by
+    a subprocess so that its memory is not the driver's. Returns (path, seconds)."""
+    folder = work / f"pool-{n}"
+    pool, summary = folder / "pool.jsonl", folder / "task.json"
+    if pool.exists() and summary.exists() and json.loads(summary.read_text())["pool_size"] == n:
+        return str(pool), 0.0
+    t0 = time.perf_counter()
+    code = ("import sys; from evoray.tasks import write_task; "
+            "write_task(sys.argv[1], sys.argv[2], pool_size=int(sys.argv[3]), seed=0)")
+    subprocess.run([sys.executable, "-c", code, TASK, str(folder), str(n)], check=True)
+    return str(pool), time.perf_counter() - t0
+
+
+def spill_dir() -> str | None:
+    """The local node's object-spilling directory (Ray's default: the session folder)."""
+    import ray._private.worker as worker
+
+    node = worker._global_node
+    config = json.loads(node._object_spilling_config or "{}")
+    path = config.get("params", {}).get("directory_path")
+    path = path[0] if isinstance(path, list) else path
+    return path or node.get_session_dir_path()
+
+
+def spilled_file_bytes(root: str | None) -> int:
+    """Bytes of spilled-object files under ``root`` (Ray names their folder
+    ``ray_spilled_objects*``)."""
+    total = 0
+    if root and os.path.isdir(root):
+        for d, _, files in os.walk(root):
+            if "ray_spilled_objects" in d:
+                total += sum(os.path.getsize(os.path.join(d, f)) for f in files
+                             if os.path.exists(os.path.join(d, f)))
+    return total
+
+
+class Sampler(threading.Thread):
+    """Samples the raylet's store stats, the spill folder and this process's RSS until stopped."""
+
+    def __init__(self, interval: float):
+        super().__init__(daemon=True)
+        import ray
+        from ray._private.internal_api import get_state_from_address
+
+        self.interval = interval
+        self.state = get_state_from_address(ray.get_runtime_context().gcs_address)
+        self.proc = psutil.Process()
+        self.spill_root = spill_dir()
+        self.samples: list[dict] = []
+        self.errors = 0
+        self._halt = threading.Event()
+
+    def sample(self) -> dict:
+        from ray._private.internal_api import get_memory_info_reply
+
+        s = {"t": time.perf_counter(), "rss": self.proc.memory_info().rss,
+             "spill_files": spilled_file_bytes(self.spill_root)}
+        try:
+            st = get_memory_info_reply(self.state, timeout_seconds=10).store_stats
+            s.update(used=st.object_store_bytes_used, avail=st.object_store_bytes_avail,
+                     primary=st.object_store_bytes_primary_copy,
+                     fallback=st.object_store_bytes_fallback, spilled=st.spilled_bytes_total,
+                     spilled_objects=st.spilled_objects_total, objects=st.num_local_objects)
+        except Exception:  # a slow raylet reply: keep the RSS sample, count the miss
+            self.errors += 1
+        return s
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.samples.append(self.sample())
+            self._halt.wait(self.interval)
+
+    def stop(self) -> dict:
+        self._halt.set()
+        self.join()
+        last = self.sample()
+        self.samples.append(last)
+        return last
+
+    def peak(self, key: str) -> int:
+        return max((s[key] for s in self.samples if key in s), default=0)
+
+
+def fmt_gb(b: float) -> str:
+    return f"{b / GiB:.2f} GiB"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100_000, help="candidates in the pool")
+    ap.add_argument("--out", default="runs/scale", help="work folder (pool and features)")
+    ap.add_argument("--batch-size", type=int, default=16, help="features.batch_size")
+    ap.add_argument("--actors", type=int, default=2, help="features.num_actors")
+    ap.add_argument("--store-gb", type=float, default=2.0, help="object store size and limit, GiB")
+    ap.add_argument("--rss-gb", type=float, default=2.0, help="driver peak RSS limit, GB (1e9)")
+    ap.add_argument("--interval", type=float, default=0.25, help="sampling period, seconds")
+    ap.add_argument("--keep", action="store_true", help="keep the features folder")
+    args = ap.parse_args()
+
+    work = Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    pool, pool_s = make_pool(args.n, work)
+    print(f"pool: {args.n} candidates in {pool} ({pool_s:.1f} s to generate)", flush=True)
+
+    import pyarrow.parquet as pq
+    import ray
+    from ray._private.internal_api import memory_summary
+
+    from evoray.config import FeaturesConfig
+    from evoray.features.stage import featurize
+
+    store = int(args.store_gb * GiB)
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=store,
+             configure_logging=False, log_to_driver=False)
+    features = work / "features"
+    shutil.rmtree(features, ignore_errors=True)  # always compute (no reuse by input hash)
+    cfg = FeaturesConfig(num_actors=args.actors, num_cpus=0.5, batch_size=args.batch_size)
+    try:
+        sampler = Sampler(args.interval)
+        sampler.start()
+        rss_before = psutil.Process().memory_info().rss
+        t0 = time.perf_counter()
+        featurize(pool, MODEL, cfg=cfg, out=str(features))
+        wall = time.perf_counter() - t0
+        last = sampler.stop()
+        summary = memory_summary(ray.get_runtime_context().gcs_address, stats_only=True)
+        spill_root = sampler.spill_root
+        spill_left = spilled_file_bytes(spill_root)
+    finally:
+        ray.shutdown()
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+    meta = json.loads((features / "meta.json").read_text())
+    files = sorted(features.glob("*.parquet"))
+    rows = sum(pq.read_metadata(f).num_rows for f in files)
+    if rows != args.n or meta["count"] != args.n:
+        print(f"error: {rows} feature rows (meta count {meta['count']}) for {args.n} candidates",
+              file=sys.stderr)
+        return 2
+
+    store_samples = [s for s in sampler.samples if "used" in s]
+    peak_store = sampler.peak("used")
+    spilled = max(last.get("spilled", 0), sampler.peak("spilled"))
+    fallback = sampler.peak("fallback")
+    peak_spill_files = max(sampler.peak("spill_files"), spill_left)
+    peak_rss = max(sampler.peak("rss"), maxrss)
+    limits = {
+        "object_store": {"value": peak_store, "limit": store, "pass": peak_store <= store},
+        "no_spill": {"value": spilled + fallback + peak_spill_files, "limit": 0,
+                     "pass": spilled == 0 and fallback == 0 and peak_spill_files == 0},
+        "driver_rss": {"value": peak_rss, "limit": int(args.rss_gb * 1e9),
+                       "pass": peak_rss < args.rss_gb * 1e9},
+    }
+    t_start = sampler.samples[0]["t"]
+    step = max(1, len(store_samples) // 60)
+    result = {
+        "candidates": args.n, "model": MODEL, "task": TASK, "num_actors": args.actors,
+        "num_cpus_per_actor": 0.5, "batch_size": args.batch_size, "dim": meta["dim"],
+        "wall_s": round(wall, 1), "samples_per_s": round(args.n / wall, 1),
+        "featurize_seconds_meta": meta["seconds"],
+        "object_store_bytes": store, "peak_object_store_bytes": peak_store,
+        "peak_object_store_primary_bytes": sampler.peak("primary"),
+        "peak_object_store_objects": sampler.peak("objects"),
+        "spilled_bytes_total": spilled, "spilled_objects_total": last.get("spilled_objects", 0),
+        "fallback_mmap_bytes_peak": fallback, "spill_dir": spill_root,
+        "spill_dir_bytes_peak": peak_spill_files, "spill_dir_bytes_end": spill_left,
+        "driver_rss_before_bytes": rss_before, "peak_driver_rss_sampled_bytes": sampler.peak("rss"),
+        "driver_maxrss_bytes": maxrss, "peak_driver_rss_bytes": peak_rss,
+        "store_samples": len(store_samples), "store_sample_misses": sampler.errors,
+        "interval_s": args.interval,
+        "limits": limits, "pass": all(v["pass"] for v in limits.values()),
+        "memory_summary": summary,
+        "timeline": [{"t": round(s["t"] - t_start, 1), "store": s["used"], "rss": s["rss"]}
+                     for s in store_samples[::step]],
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "ray": ray.__version__},
+        "methods": {
+            "object_store": "raylet store stats (object_store_bytes_used) from "
+                            "ray._private.internal_api.get_memory_info_reply, sampled",
+            "spilled": "store_stats.spilled_bytes_total (cumulative) + "
+                       "object_store_bytes_fallback (sampled) + bytes of files in the spill dir "
+                       "(sampled)",
+            "driver_rss": "max of psutil RSS samples and getrusage(RUSAGE_SELF).ru_maxrss",
+        },
+    }
+
+    table = [
+        ("candidates", f"{args.n:,}", ""),
+        ("wall time", f"{wall:.1f} s", ""),
+        ("samples/s", f"{args.n / wall:.0f}", ""),
+        ("peak object store", fmt_gb(peak_store), f"<= {fmt_gb(store)}"),
+        ("bytes spilled", f"{spilled + fallback + peak_spill_files:,}", "0"),
+        ("peak driver RSS", f"{peak_rss / 1e9:.2f} GB", f"< {args.rss_gb:.0f} GB"),
+    ]
+    verdict = {"peak object store": limits["object_store"]["pass"],
+               "bytes spilled": limits["no_spill"]["pass"],
+               "peak driver RSS": limits["driver_rss"]["pass"]}
+    head = f"{'figure':<18} {'value':>12} {'limit':>12} {'result':>7}"
+    print(f"\nfeaturize {MODEL}, {args.actors} actors x 0.5 CPU, batch {args.batch_size}, "
+          f"dim {meta['dim']}, Ray {ray.__version__}, {os.cpu_count()} CPUs, "
+          f"{len(store_samples)} store samples every {args.interval} s")
+    print(head)
+    print("-" * len(head))
+    md = ["| figure | value | limit | result |", "| --- | ---: | ---: | --- |"]
+    for name, value, limit in table:
+        ok = "" if name not in verdict else ("pass" if verdict[name] else "FAIL")
+        print(f"{name:<18} {value:>12} {limit:>12} {ok:>7}")
+        md.append(f"| {name} | {value} | {limit} | {ok} |")
+    print(f"(driver RSS: {rss_before / 1e9:.2f} GB before featurize, sampled peak "
+          f"{sampler.peak('rss') / 1e9:.2f} GB, ru_maxrss {maxrss / 1e9:.2f} GB; spilled: "
+          f"{spilled} by Ray's stats, fallback mmap {fallback}, "
+          f"spill-dir files {peak_spill_files})")
+
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "scale.md").write_text(
+        f"# featurize at scale: {args.n:,} candidates\n\n"
+        f"`python benchmarks/scale.py --n {args.n} --batch-size {args.batch_size}`: "
+        f"{MODEL} on {args.actors} feature actors (0.5 CPU each), dim {meta['dim']}, local Ray "
+        f"{ray.__version__} with a {fmt_gb(store)} object store, {os.cpu_count()} CPUs.\n\n"
+        + "\n".join(md) + "\n\n"
+        "Object store: the raylet's `object_store_bytes_used`, sampled every "
+        f"{args.interval} s. Spilled: Ray's cumulative `spilled_bytes_total`, plus file-backed "
+        "fallback allocations and files in the spill folder. Driver RSS: the larger of psutil "
+        "samples and `getrusage` `ru_maxrss` (the whole process life).\n")
+    if not args.keep:
+        shutil.rmtree(features, ignore_errors=True)
+    return 0 if result["pass"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
