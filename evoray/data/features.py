@@ -145,6 +145,13 @@ def _parquet_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
     return fs, files
 
 
+def _metadata(file: str, fs: pafs.FileSystem) -> pq.FileMetaData:
+    try:
+        return pq.read_metadata(file, filesystem=fs)
+    except (pa.ArrowException, OSError) as e:
+        raise RecordError(file, f"not a readable Parquet file ({str(e).splitlines()[0]})") from None
+
+
 def read_features_meta(path: str) -> dict:
     """The ``meta.json`` of a features folder ({} if there is none)."""
     fs, p = resolve(path)
@@ -152,7 +159,11 @@ def read_features_meta(path: str) -> dict:
     if fs.get_file_info(meta).type != pafs.FileType.File:
         return {}
     with fs.open_input_stream(meta) as f:
-        return json.loads(f.read())
+        data = f.read()
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RecordError(meta, f"not valid JSON ({e})") from None
 
 
 def read_features(path: str, dtype: str | None = None) -> Features:
@@ -168,7 +179,7 @@ def read_features(path: str, dtype: str | None = None) -> Features:
             duplicate ids/rows.
     """
     fs, files = _parquet_files(path)
-    metas = [pq.read_metadata(f, filesystem=fs) for f in files]
+    metas = [_metadata(f, fs) for f in files]
     n = sum(m.num_rows for m in metas)
     if n == 0:
         raise RecordError(path, "the features files hold no rows")

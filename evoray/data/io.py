@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from evoray.data.records import KINDS, validate_record, validate_records
-from evoray.errors import RecordError
+from evoray.errors import RecordError, did_you_mean
 
 if TYPE_CHECKING:
     import ray.data
@@ -257,12 +257,13 @@ def read_dataset(path: str, kind: str = "candidate", *,
     else:
         names = list(_first_record(path, fs, p))
     fields = {f.name: f for f in KINDS[kind]}
+    for name in names:  # first: a typo (reponse) also leaves a required field missing
+        if name not in fields:
+            raise RecordError(path, f"unknown field for {kind} records"
+                              f"{did_you_mean(name, fields)}", field=name)
     for f in fields.values():
         if f.required and f.name not in names:
             raise RecordError(path, f"missing required field of {kind} records", field=f.name)
-    for name in names:
-        if name not in fields:
-            raise RecordError(path, f"unknown field for {kind} records", field=name)
     if not columns:  # JSONL: every field of the kind (absent ones as nulls)
         columns = [n for n in fields if n in names] if fmt == "parquet" else list(fields)
     if fmt == "jsonl":

@@ -36,8 +36,8 @@ import pyarrow.fs as pafs
 from evoray import __version__
 from evoray.config import FeaturesConfig, config_to_dict
 from evoray.data.features import META_FILE, features_table, read_features_meta
-from evoray.data.io import detect_format, resolve
-from evoray.errors import EvorayError, RecordError
+from evoray.data.io import detect_format, exists, resolve
+from evoray.errors import EvorayError, ModelError, RecordError
 
 log = logging.getLogger("evoray.features")
 
@@ -217,14 +217,16 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
         raise EvorayError("Adam preconditioning is for candidates only: target features use "
                           "plain gradients")
     fmt = detect_format(pool_path)
+    if not exists(pool_path):
+        raise RecordError(pool_path, "no such file")
     out = out or os.path.splitext(pool_path.rstrip("/"))[0] + ".features"
     dim = default_dim(cfg, "cuda" if cfg.num_gpus > 0 else "cpu")
+    layers = _lora_layers(model_spec, cfg, adapter, cache_dir)  # fails fast on a wrong model
     digest = input_hash(pool_path, model_spec, adapter, adam_state, cfg, dim)
     if read_features_meta(out).get("input_hash") == digest:
         log.info("features of %s reused from %s", pool_path, out)
         return out
 
-    layers = _lora_layers(model_spec, cfg, adapter, cache_dir)  # fails fast on a wrong model
     started = init_ray(quiet=not progress)
     t0 = time.perf_counter()
     total = ray.cluster_resources().get("CPU", 0)
@@ -337,14 +339,36 @@ def _lora_layers(model: str, cfg: FeaturesConfig, adapter: str | None,
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from evoray.features.grads import lora_config, lora_pairs
-    from evoray.models import load_model, smollm2_dir
+    from evoray.models import BUILTIN_MODELS, load_model, smollm2_dir
+    from evoray.train.adapter import fingerprint, localize, read_meta
 
     with torch.device("meta"):
         if model.startswith("tiny-"):
             base, _ = load_model(model)
         else:
             source = str(smollm2_dir(cache_dir)) if model == "smollm2-135m" else model
-            base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
-        config = PeftConfig.from_pretrained(adapter) if adapter else lora_config(
-            base, r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=cfg.target_modules)
+            try:
+                base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(
+                    os.path.expanduser(source)))
+            except (OSError, ValueError) as e:
+                raise ModelError(f"model {model!r} could not be loaded ({str(e).splitlines()[0]})"
+                                 f"; give a folder written by save_pretrained, a reachable hub "
+                                 f"id, or one of {', '.join(BUILTIN_MODELS)}") from None
+        config = lora_config(base, r=cfg.lora_r, alpha=cfg.lora_alpha,
+                             target_modules=cfg.target_modules)
+        if adapter:  # missing, or trained on another base: say so before any Ray work
+            local, handle = localize(adapter)
+            try:
+                if not os.path.exists(os.path.join(local, "adapter_config.json")):
+                    raise ModelError(f"adapter {adapter!r}: no adapter_config.json there (not a "
+                                     f"LoRA adapter folder)")
+                meta = read_meta(local)
+                if meta.get("fingerprint") and meta["fingerprint"] != fingerprint(base):
+                    raise ModelError(f"adapter {adapter!r} was trained on base model "
+                                     f"{meta.get('base_model')!r}, not on {model!r} (their "
+                                     f"architectures differ)")
+                config = PeftConfig.from_pretrained(local)
+            finally:
+                if handle is not None:
+                    handle.cleanup()
         return [p.name for p in lora_pairs(get_peft_model(base, config))]

@@ -11,12 +11,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from evoray.data.io import _read_bytes, atomic_write_bytes, detect_format, write_records
+from evoray.data.io import (
+    _parse_jsonl,
+    _read_bytes,
+    atomic_write_bytes,
+    detect_format,
+    write_records,
+)
 from evoray.data.records import validate_records
 from evoray.errors import RecordError, SelectError
 from evoray.select.selection import Selection
 
-__all__ = ["selection_table", "write_selection", "join_pool", "select_files", "write_scores"]
+__all__ = ["selection_table", "write_selection", "join_pool", "pool_records", "select_files",
+           "write_scores"]
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +86,7 @@ def _pool_rows(path: str, wanted: set[str]) -> tuple[dict[str, dict], set[str]]:
     found: dict[str, dict] = {}
     if fmt == "jsonl":
         all_ids = set()
-        for n, line in enumerate(_read_bytes(path).decode("utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(path, f"malformed JSON: {e.msg}", line=n) from None
+        for rec in _parse_jsonl(path, _read_bytes(path))[0]:
             rid = str(rec.get("id")) if isinstance(rec, dict) else None
             all_ids.add(rid)
             if rid in wanted:
@@ -105,8 +106,8 @@ def _pool_rows(path: str, wanted: set[str]) -> tuple[dict[str, dict], set[str]]:
     return found, all_ids
 
 
-def join_pool(pool: str, out: str, sel: Selection, ids: np.ndarray) -> int:
-    """Write the selected candidate records, in rank order, to ``OUT/selected.jsonl``.
+def pool_records(pool: str, sel: Selection, ids: np.ndarray) -> list[dict]:
+    """The selected candidate records of ``pool``, validated, in rank order.
 
     Raises:
         SelectError: when feature ids are missing from the pool (names the first few). Pool
@@ -116,13 +117,18 @@ def join_pool(pool: str, out: str, sel: Selection, ids: np.ndarray) -> int:
     found, all_ids = _pool_rows(pool, set(chosen))
     missing = [i for i in map(str, ids) if i not in all_ids]
     if missing:
-        raise SelectError(f"{len(missing)} feature ids are not in the pool {pool} (first: "
+        raise SelectError(f"{pool}: {len(missing)} feature ids are not in the pool (first: "
                           f"{', '.join(repr(m) for m in missing[:3])}); features and pool must "
                           "come from the same candidates")
     extra = len(all_ids) - len(ids)
     if extra > 0:
         log.warning("%d pool records have no features and could not be selected", extra)
-    records = validate_records([found[i] for i in chosen], "candidate", path=pool, unit="row")
+    return validate_records([found[i] for i in chosen], "candidate", path=pool, unit="row")
+
+
+def join_pool(pool: str, out: str, sel: Selection, ids: np.ndarray) -> int:
+    """Write the selected candidate records, in rank order, to ``OUT/selected.jsonl``."""
+    records = pool_records(pool, sel, ids)
     write_records(records, f"{out}/selected.jsonl", "candidate")
     return len(records)
 
@@ -163,10 +169,14 @@ def select_files(cfg, features: str, targets: str, out: str, *, pool: str | None
     k = budget(len(feats), k=cfg.k, ratio=cfg.ratio)
     sel = select(feats.X, tfeats.X, k, method=cfg.method, seed=cfg.seed, ids=feats.ids,
                  target_ids=tfeats.ids, **params)
+    # Every input is read and checked before the first write; summary.json is written last, so
+    # a folder without it is an unfinished one.
+    records = pool_records(pool, sel, feats.ids) if pool else None
+    write_scores(out, sel, feats.ids)
+    if records is not None:
+        write_records(records, f"{out}/selected.jsonl", "candidate")
+        extra = {**(extra or {}), "records": len(records)}
     summary = write_selection(out, sel, feats.ids, tfeats.ids, extra={
         "features": features, "targets": targets, "k": k, "ratio": cfg.ratio, "seed": cfg.seed,
         "read_s": read_s, **(extra or {})})
-    write_scores(out, sel, feats.ids)
-    if pool:
-        summary["records"] = join_pool(pool, out, sel, feats.ids)
     return summary, sel, feats
