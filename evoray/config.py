@@ -364,6 +364,9 @@ class Config(_Stage):
                     "base model: HF folder or hub id, smollm2-135m, tiny-gpt2, tiny-llama")
     cache_dir: str | None = _f(None, "model cache; null = $EVORAY_CACHE or ~/.cache/evoray")
     seed: int = _f(0, "global seed")
+    trust_remote_code: bool = _f(False, "let transformers run Python code shipped with a hub "
+                                 "model, in every stage (or EVORAY_TRUST_REMOTE_CODE=1); off by "
+                                 "default")
     features: FeaturesConfig = field(default_factory=FeaturesConfig, metadata={"help": "features"})
     select: SelectConfig = field(default_factory=SelectConfig, metadata={"help": "selection"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "training"})

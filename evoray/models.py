@@ -122,8 +122,24 @@ def smollm2_dir(cache_dir: str | None = None) -> Path:
     return target
 
 
+TRUST_ENV = "EVORAY_TRUST_REMOTE_CODE"
+
+
+def remote_code_allowed() -> bool:
+    """Whether transformers may run code shipped with a model: only when the job's config says
+    ``trust_remote_code: true`` (see :func:`allow_remote_code`) or ``EVORAY_TRUST_REMOTE_CODE=1``
+    is set. Ray workers see it through the environment that :func:`evoray.ray_utils.init_ray`
+    gives a local Ray; on a cluster pass it with the job (``--runtime-env-json``)."""
+    return os.environ.get(TRUST_ENV) == "1"
+
+
+def allow_remote_code() -> None:
+    """Turn on :func:`remote_code_allowed` for this process and the Ray it starts."""
+    os.environ[TRUST_ENV] = "1"
+
+
 def load_model(spec: str, *, cache_dir: str | None = None, seed: int = 0,
-               dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+               dtype: torch.dtype = torch.float32, trust_remote_code: bool | None = None):
     """Load a causal LM and its tokenizer.
 
     Args:
@@ -131,7 +147,8 @@ def load_model(spec: str, *, cache_dir: str | None = None, seed: int = 0,
         cache_dir: where ``smollm2-135m`` is converted (see :func:`default_cache_dir`).
         seed: initialisation seed of the ``tiny-*`` models (ignored otherwise).
         dtype: weights' dtype for pretrained models.
-        trust_remote_code: let transformers run code shipped with a hub model.
+        trust_remote_code: let transformers run code shipped with a hub model (default:
+            :func:`remote_code_allowed`, off unless the config turns it on).
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode.
@@ -141,6 +158,8 @@ def load_model(spec: str, *, cache_dir: str | None = None, seed: int = 0,
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if trust_remote_code is None:
+        trust_remote_code = remote_code_allowed()
     if spec in ("tiny-gpt2", "tiny-llama"):
         model, tokenizer = _tiny(spec, seed)
     else:
@@ -166,10 +185,13 @@ def load_model(spec: str, *, cache_dir: str | None = None, seed: int = 0,
     return model.eval(), tokenizer
 
 
-def load_tokenizer(spec: str, *, cache_dir: str | None = None, trust_remote_code: bool = False):
+def load_tokenizer(spec: str, *, cache_dir: str | None = None,
+                   trust_remote_code: bool | None = None):
     """The tokenizer of :func:`load_model` alone (no weights loaded), prepared the same way."""
     from transformers import AutoTokenizer
 
+    if trust_remote_code is None:
+        trust_remote_code = remote_code_allowed()
     if spec in ("tiny-gpt2", "tiny-llama"):
         return prepare_tokenizer(byte_tokenizer())
     source = str(smollm2_dir(cache_dir)) if spec == "smollm2-135m" else os.path.expanduser(spec)

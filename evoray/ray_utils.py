@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 # Whether Ray Data's console shows the errors (with tracebacks) it logs before raising them. The
 # CLI turns this off unless --debug: it prints evoray's own error in one line, and the session's
@@ -19,10 +20,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     """
     import ray
 
+    from evoray.models import TRUST_ENV, remote_code_allowed
+
     started = False
     if not ray.is_initialized():
         kwargs = {"address": address} if address else {"num_cpus": num_cpus,
                                                         "include_dashboard": False}
+        if remote_code_allowed() and not (address or os.environ.get("RAY_ADDRESS")):
+            # a local Ray's workers see the config's trust_remote_code (a cluster job passes
+            # it with --runtime-env-json, see evoray.models.remote_code_allowed)
+            kwargs["runtime_env"] = {"env_vars": {TRUST_ENV: "1"}}
         ray.init(configure_logging=False, log_to_driver=not quiet, **kwargs)
         started = True
     if quiet:

@@ -640,6 +640,10 @@ def sweep(cfg: Config, *, resume: bool = False, say=print) -> dict:
 
     t0 = time.perf_counter()
     space = check_config(cfg)
+    if cfg.trust_remote_code:
+        from evoray.models import allow_remote_code
+
+        allow_remote_code()
     root = _absolute(cfg.sweep.sweep_dir)
     shared = _absolute(cfg.sweep.shared_dir or f"{root}/shared")
     cfg = dataclasses.replace(cfg, sweep=dataclasses.replace(

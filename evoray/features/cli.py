@@ -36,6 +36,10 @@ def _run(args: argparse.Namespace) -> int:
     from evoray.ray_utils import init_ray
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.trust_remote_code:
+        from evoray.models import allow_remote_code
+
+        allow_remote_code()
     model = args.model or cfg.model
     t0 = time.perf_counter()
     started = init_ray(address=args.address, quiet=args.no_progress)

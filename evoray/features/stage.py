@@ -339,7 +339,7 @@ def _lora_layers(model: str, cfg: FeaturesConfig, adapter: str | None,
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from evoray.features.grads import lora_config, lora_pairs
-    from evoray.models import BUILTIN_MODELS, load_model, smollm2_dir
+    from evoray.models import BUILTIN_MODELS, load_model, remote_code_allowed, smollm2_dir
     from evoray.train.adapter import fingerprint, localize, read_meta
 
     with torch.device("meta"):
@@ -349,7 +349,7 @@ def _lora_layers(model: str, cfg: FeaturesConfig, adapter: str | None,
             source = str(smollm2_dir(cache_dir)) if model == "smollm2-135m" else model
             try:
                 base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(
-                    os.path.expanduser(source)))
+                    os.path.expanduser(source), trust_remote_code=remote_code_allowed()))
             except (OSError, ValueError) as e:
                 raise ModelError(f"model {model!r} could not be loaded ({str(e).splitlines()[0]})"
                                  f"; give a folder written by save_pretrained, a reachable hub "

@@ -99,7 +99,7 @@ def _preflight(model: str, adapter: str | None, cache_dir: str | None,
 
     from transformers import AutoConfig
 
-    from evoray.models import load_model, load_tokenizer, smollm2_dir
+    from evoray.models import load_model, load_tokenizer, remote_code_allowed, smollm2_dir
     from evoray.train.adapter import META_FILE, fingerprint, read_meta
 
     if model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(model)):
@@ -111,7 +111,8 @@ def _preflight(model: str, adapter: str | None, cache_dir: str | None,
     else:
         source = str(smollm2_dir(cache_dir)) if model == "smollm2-135m" else model
         try:
-            config = AutoConfig.from_pretrained(os.path.expanduser(source))
+            config = AutoConfig.from_pretrained(os.path.expanduser(source),
+                                                trust_remote_code=remote_code_allowed())
         except (OSError, ValueError) as e:
             raise ModelError(f"model {model!r}: its config could not be loaded "
                              f"({str(e).splitlines()[0]})") from None

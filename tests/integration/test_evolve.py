@@ -26,7 +26,12 @@ def _selected_ids(run_dir: str, r: int) -> list[str]:
 
 def test_every_round_writes_its_outputs_and_the_table(quick_run):
     run = quick_run["run_dir"]
-    stages = Manifest(run).stages
+    manifest = Manifest(run)
+    stages = manifest.stages
+    # the run records what made it: the whole config and the package versions
+    assert manifest.data["config"]["model"] == "tiny-llama"
+    assert manifest.data["config"]["trust_remote_code"] is False
+    assert {"evoray", "torch", "ray", "transformers", "peft"} <= set(manifest.data["versions"])
     assert {"task", "base/evaluate"} <= set(stages)
     for r in (1, 2):
         rd = f"{run}/round_{r:02d}"

@@ -1,11 +1,14 @@
 """`ray job submit` against a real local head node started (and stopped) by this test."""
 
+import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -30,6 +33,8 @@ def _wait_until_jobs_accepted(address, env, ray_bin, proc, timeout=120.0):
             raise RuntimeError("the Ray head node did not start accepting jobs")
         try:
             urllib.request.urlopen(f"{address}/api/version", timeout=2)
+        except urllib.error.HTTPError:
+            pass  # it answers (401 under token auth)
         except OSError:
             time.sleep(0.5)
             continue
@@ -40,8 +45,8 @@ def _wait_until_jobs_accepted(address, env, ray_bin, proc, timeout=120.0):
         time.sleep(1)
 
 
-@pytest.fixture(scope="module")
-def head(tmp_path_factory):
+@contextlib.contextmanager
+def _head(tmp_path_factory, **env_extra):
     """A head node on free ports; `--block` ties every Ray process to this process group, so
     teardown stops what this test started and nothing else (no `ray stop`)."""
     # The head and its jobs run this interpreter's environment, as if the venv were activated:
@@ -49,7 +54,7 @@ def head(tmp_path_factory):
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "RAY_AUTH_MODE": "disabled",
            "RAY_TMPDIR": str(tmp_path_factory.mktemp("ray")),
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", **env_extra}
     dash = _free_port()
     ray_bin = str(bin_dir / "ray")
     # Every component on its own free port: the integration tests' session Ray may already hold
@@ -78,6 +83,33 @@ def head(tmp_path_factory):
             proc.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    with _head(tmp_path_factory) as h:
+        yield h
+
+
+def test_job_submission_with_token_auth(tmp_path_factory, tmp_path):
+    """Ray's token authentication on (RAY_AUTH_MODE=token, the token in RAY_AUTH_TOKEN): a job
+    submitted with the token runs evoray on the cluster; without it the head refuses it."""
+    token = secrets.token_hex(32)
+    home = tmp_path / "home"  # no ~/.ray/auth_token to fall back on
+    home.mkdir()
+    with _head(tmp_path_factory, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
+               HOME=str(home)) as h:
+        out = tmp_path / "task"
+        cmd = [h["ray"], "job", "submit", "--address", h["address"], "--working-dir", str(ROOT),
+               "--", "python", "jobs/make_task.py", "--task", "compare", "--pool-size", "200",
+               "--generator", "strong", "--out", str(out)]
+        ok = subprocess.run(cmd, env=h["env"], capture_output=True, text=True, timeout=240)
+        assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
+        assert "pool checked on the cluster: 200 candidates" in ok.stdout
+        no_token = {k: v for k, v in h["env"].items() if k != "RAY_AUTH_TOKEN"}
+        refused = subprocess.run(cmd, env=no_token, capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0
+        assert "token" in (refused.stdout + refused.stderr).lower()
 
 
 def test_make_task_job(head, tmp_path):
