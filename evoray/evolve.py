@@ -33,7 +33,12 @@ projection, selection and training have their own seeds), so on CPU an interrupt
 with ``resume=True`` ends with the same selections as an uninterrupted one.
 
 ``EVORAY_FAIL_AFTER=round_01/select`` makes the loop stop with an error right after that stage is
-recorded (for fault tests and for trying resume by hand).
+recorded (for fault tests and for trying resume by hand). ``EVORAY_KILL_AT=<stage>:<when>`` kills
+the driver process with SIGKILL instead, as a crash or the OOM killer would: ``before`` the stage
+runs, ``after`` it is recorded, or ``during`` it: after the first optimizer step taken in the
+driver's process (in-process training), or as soon as a temporary output (``*.tmp-XXXXXXXX``, a
+features folder being written) appears under the run folder. Temporary outputs left by a killed
+driver are removed when the run starts again.
 
 **Evaluation** uses the test file only (accuracy and response loss, ALGORITHMS.md §4); ``dev`` is
 kept in the task folder for hyper-parameter sweeps.
@@ -42,24 +47,38 @@ kept in the task folder for hyper-parameter sweeps.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import re
+import signal
+import threading
 import time
 from datetime import UTC, datetime
 
 from evoray.config import Config, config_to_dict
-from evoray.data.io import _read_bytes, atomic_write_bytes, detect_format, exists, write_records
+from evoray.data.io import (
+    _read_bytes,
+    atomic_write_bytes,
+    detect_format,
+    exists,
+    resolve,
+    write_records,
+)
 from evoray.data.records import validate_record
 from evoray.errors import EvorayError, RecordError
 
-__all__ = ["evolve", "clean_pool", "Manifest", "round_dir", "FAIL_ENV", "KINDS"]
+__all__ = ["evolve", "clean_pool", "Manifest", "round_dir", "FAIL_ENV", "KILL_ENV", "KINDS"]
 
 log = logging.getLogger(__name__)
 
 FAIL_ENV = "EVORAY_FAIL_AFTER"
+KILL_ENV = "EVORAY_KILL_AT"
+_KILL_WHEN = ("before", "during", "after")
+_TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{8}$")  # the atomic writers' temporary names
 KINDS = ("clean", "wrong_label", "off_task", "near_duplicate")
 
 
@@ -75,6 +94,62 @@ def _file_digest(path: str | None) -> str | None:
     return hashlib.sha256(_read_bytes(path)).hexdigest() if path else None
 
 
+def _temporaries(run_dir: str) -> list:
+    """Temporary outputs of evoray's atomic writers under ``run_dir``: ``FileInfo`` entries."""
+    import pyarrow.fs as pafs
+
+    fs, root = resolve(run_dir)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return []
+    return [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+            if _TEMPORARY.search(i.path.rstrip("/"))]
+
+
+def _remove_temporaries(run_dir: str) -> None:
+    """Remove what a killed driver left under temporary names (partial files and folders; no
+    final name ever holds them)."""
+    import pyarrow.fs as pafs
+
+    fs, _ = resolve(run_dir)
+    gone: list[str] = []
+    for info in _temporaries(run_dir):
+        if any(info.path.startswith(g + "/") for g in gone):
+            continue
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(info.path)
+        elif info.type == pafs.FileType.File:
+            fs.delete_file(info.path)
+        gone.append(info.path.rstrip("/"))
+        log.warning("removed %s, a partial output left by an interrupted run", info.path)
+
+
+def _kill_now() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _kill_midway(run_dir: str):
+    """SIGKILL this process from inside a stage (``EVORAY_KILL_AT=<stage>:during``): after the
+    first optimizer step taken in this process, or once a temporary output appears under
+    ``run_dir``, whichever comes first."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    hook = register_optimizer_step_post_hook(lambda *_: _kill_now())
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(0.02):
+            if _temporaries(run_dir):
+                _kill_now()
+
+    threading.Thread(target=watch, daemon=True, name="evoray-kill-at").start()
+    try:
+        yield
+    finally:
+        done.set()
+        hook.remove()
+
+
 class Manifest:
     """``run_dir/manifest.json``: the run's config and its finished stages."""
 
@@ -87,6 +162,9 @@ class Manifest:
             except json.JSONDecodeError as e:
                 raise EvorayError(f"{self.path}: not valid JSON ({e.msg}, line {e.lineno}); "
                                   "move it away to start the run afresh") from None
+            if not isinstance(self.data, dict) or not isinstance(self.data.get("stages"), dict):
+                raise EvorayError(f"{self.path}: not an evoray manifest (expected an object with "
+                                  "a 'stages' object); move it away to start the run afresh")
 
     @property
     def stages(self) -> dict:
@@ -218,6 +296,13 @@ class _Loop:
         self.manifest.data["config"] = config_to_dict(cfg)
         self.manifest.data["versions"] = _versions()
         self.fail_after = os.environ.get(FAIL_ENV)
+        self.kill_at = None
+        if os.environ.get(KILL_ENV):
+            key, _, when = os.environ[KILL_ENV].rpartition(":")
+            if not key or when not in _KILL_WHEN:
+                raise EvorayError(f"{KILL_ENV}={os.environ[KILL_ENV]!r}: expected "
+                                  f"<stage>:<{'|'.join(_KILL_WHEN)}>, e.g. round_01/train:during")
+            self.kill_at = (key, when)
         self.progress = progress
         ev = cfg.evolve
         self.eval_kw = {"max_length": cfg.train.max_length, "cache_dir": cfg.cache_dir,
@@ -232,11 +317,17 @@ class _Loop:
         if entry is not None:
             self.say(f"[evolve] {key}: done earlier, skipped")
             return digest, entry["stats"]
+        kill = self.kill_at[1] if self.kill_at and self.kill_at[0] == key else None
+        if kill == "before":
+            _kill_now()
         t0 = time.perf_counter()
-        stats = fn() or {}
+        with _kill_midway(self.run) if kill == "during" else contextlib.nullcontext():
+            stats = fn() or {}
         entry = self.manifest.record(key, digest, time.perf_counter() - t0, stats)
         shown = ", ".join(f"{k} {v}" for k, v in stats.items() if isinstance(v, int | float | str))
         self.say(f"[evolve] {key}: {shown or 'done'} ({entry['seconds']:.1f} s)")
+        if kill == "after":
+            _kill_now()
         if self.fail_after == key:
             raise EvorayError(f"injected failure after {key} ({FAIL_ENV}); rerun with --resume")
         return digest, stats
@@ -442,7 +533,12 @@ def evolve(cfg: Config, *, resume: bool = False, say=print, progress: bool = Tru
     from evoray.data import read_records
     from evoray.ray_utils import init_ray
 
+    if cfg.trust_remote_code:
+        from evoray.models import allow_remote_code
+
+        allow_remote_code()
     loop = _Loop(cfg, resume, say, progress)
+    _remove_temporaries(loop.run)
     loop.manifest.save()
     files = loop.task_files()
     files["target_records"] = read_records(files["targets"], "target")

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from evoray.data.io import resolve
+from evoray.data.io import resolve, with_path
 from evoray.errors import RecordError
 
 __all__ = ["Features", "META_FILE", "features_table", "read_features", "read_features_meta",
@@ -115,20 +115,29 @@ def write_folder_atomically(path: str, fill) -> None:
     tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
     fs.create_dir(tmp, recursive=True)
     try:
-        fill(tmp, fs)
-        if fs.get_file_info(p).type != pafs.FileType.NotFound:
-            fs.delete_dir(p)
-        if isinstance(fs, pafs.LocalFileSystem):
-            fs.move(tmp, p)
-        else:
-            files = [i.path for i in fs.get_file_info(pafs.FileSelector(tmp, recursive=True))
-                     if i.type == pafs.FileType.File]
-            fs.create_dir(p, recursive=True)
-            for f in sorted(files, key=lambda f: (f.endswith(f"/{META_FILE}"), f)):
-                fs.copy_file(f, p + f[len(tmp):])
+        _fill_and_move(fs, p, tmp, fill)
+    except OSError as e:
+        named = with_path(e, path)
+        if named is e:
+            raise
+        raise named from e
     finally:
         if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
             fs.delete_dir(tmp)
+
+
+def _fill_and_move(fs: pafs.FileSystem, p: str, tmp: str, fill) -> None:
+    fill(tmp, fs)
+    if fs.get_file_info(p).type != pafs.FileType.NotFound:
+        fs.delete_dir(p)
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.move(tmp, p)
+    else:
+        files = [i.path for i in fs.get_file_info(pafs.FileSelector(tmp, recursive=True))
+                 if i.type == pafs.FileType.File]
+        fs.create_dir(p, recursive=True)
+        for f in sorted(files, key=lambda f: (f.endswith(f"/{META_FILE}"), f)):
+            fs.copy_file(f, p + f[len(tmp):])
 
 
 def _parquet_files(path: str) -> tuple[pafs.FileSystem, list[str]]:

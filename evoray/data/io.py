@@ -138,6 +138,15 @@ def _encode(records: list[dict], kind: str, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+def with_path(e: BaseException, path: str) -> BaseException:
+    """``e``, or for an OSError that names no file (pyarrow's ``No space left on device``) an
+    OSError of the same errno that names ``path``, so the user learns where the write failed."""
+    if isinstance(e, OSError) and not e.filename:
+        reason = os.strerror(e.errno) if e.errno else str(e).split(". Detail:")[0]
+        return OSError(e.errno, reason, path)
+    return e
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to a temporary name beside ``path``, then rename it to ``path``."""
     fs, p = resolve(path)
@@ -149,10 +158,13 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         with fs.open_output_stream(tmp) as f:
             f.write(data)
         fs.move(tmp, p)
-    except BaseException:
+    except BaseException as e:
         if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
             fs.delete_file(tmp)
-        raise
+        named = with_path(e, path)
+        if named is e:
+            raise
+        raise named from e
 
 
 def write_records(records: list[dict], path: str, kind: str) -> None:
