@@ -208,8 +208,12 @@ def workspace(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def local_ray():
+    """The suite's Ray when the integration tests started one in this process, else our own."""
     import ray
 
+    if ray.is_initialized():
+        yield ray
+        return
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2,
              configure_logging=False, log_to_driver=False)
     yield ray
