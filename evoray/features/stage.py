@@ -340,7 +340,7 @@ def _lora_layers(model: str, cfg: FeaturesConfig, adapter: str | None,
 
     from evoray.features.grads import lora_config, lora_pairs
     from evoray.models import BUILTIN_MODELS, load_model, remote_code_allowed, smollm2_dir
-    from evoray.train.adapter import fingerprint, localize, read_meta
+    from evoray.train.adapter import check_adapter, localize
 
     with torch.device("meta"):
         if model.startswith("tiny-"):
@@ -359,14 +359,7 @@ def _lora_layers(model: str, cfg: FeaturesConfig, adapter: str | None,
         if adapter:  # missing, or trained on another base: say so before any Ray work
             local, handle = localize(adapter)
             try:
-                if not os.path.exists(os.path.join(local, "adapter_config.json")):
-                    raise ModelError(f"adapter {adapter!r}: no adapter_config.json there (not a "
-                                     f"LoRA adapter folder)")
-                meta = read_meta(local)
-                if meta.get("fingerprint") and meta["fingerprint"] != fingerprint(base):
-                    raise ModelError(f"adapter {adapter!r} was trained on base model "
-                                     f"{meta.get('base_model')!r}, not on {model!r} (their "
-                                     f"architectures differ)")
+                check_adapter(base, local, name=adapter, spec=model)
                 config = PeftConfig.from_pretrained(local)
             finally:
                 if handle is not None:

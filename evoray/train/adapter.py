@@ -20,7 +20,7 @@ import torch
 from evoray.data.io import resolve
 from evoray.errors import ModelError, TrainError
 
-__all__ = ["META_FILE", "fingerprint", "read_meta", "write_meta", "load_adapter",
+__all__ = ["META_FILE", "check_adapter", "fingerprint", "read_meta", "write_meta", "load_adapter",
            "fresh_adapter", "localize", "upload_dir"]
 
 META_FILE = "evoray_adapter.json"
@@ -75,6 +75,22 @@ def write_meta(folder: str, base_model: str, model) -> None:
         json.dump({"base_model": base_model, "fingerprint": fingerprint(model)}, f, indent=1)
 
 
+def check_adapter(model, folder: str, *, name: str | None = None,
+                  spec: str | None = None) -> None:
+    """Raise ModelError unless the local ``folder`` holds a LoRA adapter trained on a base with
+    ``model``'s architecture (``name``: the adapter as the user gave it; ``spec``: the base's
+    name, for the message). ``model`` may live on the meta device."""
+    name = name or folder
+    if not os.path.exists(os.path.join(folder, "adapter_config.json")):
+        raise ModelError(f"adapter {name!r}: no adapter_config.json there (not a LoRA adapter "
+                         f"folder)")
+    meta = read_meta(folder)
+    if meta.get("fingerprint") and meta["fingerprint"] != fingerprint(model):
+        base = f"{spec!r}" if spec else f"this base ({fingerprint(model)})"
+        raise ModelError(f"adapter {name!r} was trained on base model "
+                         f"{meta.get('base_model')!r} ({meta['fingerprint']}), not on {base}")
+
+
 def load_adapter(model, adapter: str, *, trainable: bool):
     """Wrap ``model`` with the adapter in the local folder ``adapter``.
 
@@ -83,14 +99,7 @@ def load_adapter(model, adapter: str, *, trainable: bool):
     """
     from peft import PeftModel
 
-    if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
-        raise ModelError(f"adapter {adapter!r}: no adapter_config.json there (not a LoRA "
-                         f"adapter folder)")
-    meta = read_meta(adapter)
-    if meta.get("fingerprint") and meta["fingerprint"] != fingerprint(model):
-        raise ModelError(f"adapter {adapter!r} was trained on base model "
-                         f"{meta.get('base_model')!r} ({meta['fingerprint']}), which does not "
-                         f"match this base ({fingerprint(model)})")
+    check_adapter(model, adapter)
     try:
         return PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
