@@ -22,8 +22,8 @@ from evoray.data.records import validate_records
 from evoray.errors import RecordError, SelectError
 from evoray.select.selection import Selection
 
-__all__ = ["selection_table", "write_selection", "join_pool", "pool_records", "select_files",
-           "write_scores"]
+__all__ = ["selection_table", "write_selection", "join_pool", "pool_records", "select_features",
+           "select_files", "write_scores"]
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,23 @@ def write_scores(out: str, sel: Selection, ids: np.ndarray) -> None:
     atomic_write_bytes(f"{out}/scores.parquet", buf.getvalue())
 
 
+def select_features(cfg, feats, tfeats) -> tuple[int, Selection]:
+    """Select with ``cfg`` (a :class:`evoray.config.SelectConfig`) among the candidate
+    :class:`evoray.data.features.Features` ``feats`` for the targets ``tfeats``.
+
+    Returns:
+        ``(k, selection)``: the budget and the :class:`Selection` (rows of ``feats``).
+    """
+    from evoray.select.api import budget, select
+
+    params = dict(cfg.params)
+    if cfg.method == "evoselect":
+        params = {"lam": cfg.lam, "blocks": cfg.blocks, "eps": cfg.eps, "tau": cfg.tau, **params}
+    k = budget(len(feats), k=cfg.k, ratio=cfg.ratio)
+    return k, select(feats.X, tfeats.X, k, method=cfg.method, seed=cfg.seed, ids=feats.ids,
+                     target_ids=tfeats.ids, **params)
+
+
 def select_files(cfg, features: str, targets: str, out: str, *, pool: str | None = None,
                  dtype: str | None = None, extra: dict | None = None):
     """Read features, select with ``cfg`` (a :class:`evoray.config.SelectConfig`) and write the
@@ -157,18 +174,12 @@ def select_files(cfg, features: str, targets: str, out: str, *, pool: str | None
     import time
 
     from evoray.data.features import read_features
-    from evoray.select.api import budget, select
 
     t0 = time.perf_counter()
     feats = read_features(features, dtype=dtype)
     tfeats = read_features(targets, dtype=dtype)
     read_s = time.perf_counter() - t0
-    params = dict(cfg.params)
-    if cfg.method == "evoselect":
-        params = {"lam": cfg.lam, "blocks": cfg.blocks, "eps": cfg.eps, "tau": cfg.tau, **params}
-    k = budget(len(feats), k=cfg.k, ratio=cfg.ratio)
-    sel = select(feats.X, tfeats.X, k, method=cfg.method, seed=cfg.seed, ids=feats.ids,
-                 target_ids=tfeats.ids, **params)
+    k, sel = select_features(cfg, feats, tfeats)
     # Every input is read and checked before the first write; summary.json is written last, so
     # a folder without it is an unfinished one.
     records = pool_records(pool, sel, feats.ids) if pool else None

@@ -7,8 +7,9 @@ kept disjoint by key and near-duplicates recognised.
 
 Families: ``arithmetic`` (multi-digit +, −, ×), ``unit_conversion`` (metric, time and imperial
 units, both directions), ``day_of_week`` (days after/before a weekday), ``category`` (which word
-belongs to a category; see :class:`Category`) and ``compare`` (largest or
-smallest of four fractions, decimals and percentages).
+belongs to a category; see :class:`Category`), ``compare`` (largest or
+smallest of four fractions, decimals and percentages) and ``lookup`` (find the option that the
+question names, the even number, the word with a given first letter; see :class:`Lookup`).
 """
 
 from __future__ import annotations
@@ -278,5 +279,52 @@ class Category(Family):
         return self._templates[variant % 3].format(a=a, cat=cat)
 
 
+class Lookup(Family):
+    """Questions answered by reading the options, not by computing or knowing facts.
+
+    SmolLM2-135M cannot learn the other families from a few hundred examples (it learns the
+    answer format only; ``benchmarks/results/train.json``), so selections of their pools cannot
+    differ in test accuracy. This family is what a 135M model does learn: its three subtasks
+    test whether the model finds an option by its surface (``word``: the option the question
+    quotes; ``even``: the one even number; ``first_letter``: the one word with a given initial),
+    and binds it to its letter. Words come from :class:`Category`'s lists.
+    """
+
+    name = "lookup"
+    description = "find the option the question describes: a quoted word, the even number, " \
+                  "the word with a given first letter"
+    _templates = {
+        "word": ("Which option is the word '{w}'?", "Find '{w}' among the options.",
+                 "Which choice says '{w}'?"),
+        "even": ("Which number is even?", "Which of these numbers is even?",
+                 "One of these numbers is even. Which one?"),
+        "first_letter": ("Which word starts with the letter {w}?",
+                         "Which word begins with {w}?", "Find the word whose first letter is {w}."),
+    }
+
+    def __init__(self) -> None:
+        self._vocab = sorted({w.lower() for ws in Category._words.values() for w in ws
+                              if " " not in w})
+
+    def sample(self, rng: random.Random) -> Question:
+        sub = rng.choice(sorted(self._templates))
+        if sub == "even":
+            ans = rng.randrange(10, 1000, 2)
+            wrong = [rng.randrange(11, 1000, 2) for _ in range(6)]
+            opts, idx = _options(rng, str(ans), [str(w) for w in wrong])
+            shown = ""
+        else:
+            words = rng.sample(self._vocab, 12)
+            if sub == "first_letter":  # distractors must not share the answer's initial
+                words = [words[0]] + [w for w in words[1:] if w[0] != words[0][0]]
+            opts, idx = _options(rng, words[0], words[1:])
+            shown = words[0] if sub == "word" else words[0][0].upper()
+        return Question(self.name, f"lookup:{sub}:{opts[idx]}:" + "|".join(sorted(opts)), sub,
+                        {"w": shown}, opts, idx)
+
+    def render(self, q: Question, variant: int, style: str = "plain") -> str:
+        return self._templates[q.subtask][variant % 3].format(w=q.params["w"])
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (Arithmetic(), UnitConversion(), DayOfWeek(),
-                                                    Compare(), Category())}
+                                                    Compare(), Category(), Lookup())}

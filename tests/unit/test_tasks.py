@@ -52,6 +52,15 @@ def test_answers_are_right(task):
             words = {c: {w.capitalize() for w in ws} for c, ws in FAMILIES[task]._words.items()}
             assert [o in words[q.subtask] for o in q.options].count(True) == 1
             assert truth in words[q.subtask]
+        elif task == "lookup":
+            shown = q.params["w"]
+            if q.subtask == "word":
+                assert q.options.count(shown) == 1 and truth == shown
+            elif q.subtask == "even":
+                assert [int(o) % 2 == 0 for o in q.options] == [o == truth for o in q.options]
+            else:
+                assert [o[0].upper() == shown for o in q.options] == [o == truth
+                                                                      for o in q.options]
         else:
             def value(s):
                 return (float(s[:-1]) / 100 if s.endswith("%") else float(Fraction(s)))

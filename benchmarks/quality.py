@@ -1,0 +1,468 @@
+"""Quality benchmark: does selection pay off? Paper-style tables on built-in tasks.
+
+    python benchmarks/quality.py --quick          # tiny-llama, small pools: a few minutes
+    python benchmarks/quality.py                  # smollm2-135m, 2,000 candidates: hours, resumable
+    python benchmarks/quality.py --layers quality # one layer only
+    python benchmarks/quality.py --model M --dim 8192 --num-gpus 1 --pool-size 20000 \\
+        --downstream-tasks all --downstream-ratios all     # the full grid, on a GPU
+
+Three layers, each cell cached in ``--results`` (JSON, rewritten after every cell) so that a
+stopped run resumes where it was; ``--force`` recomputes. The tables go to ``--out``
+(``benchmarks/results/quality.md``, or ``quality_quick.md``) with PNG plots beside it.
+
+* **Selection quality** (no training): for every task × generator, the simulated pool
+  (``--pool-size`` candidates) and the task's 40 targets are featurized once with the base
+  model as proxy (a fresh LoRA); then every selector at every ratio picks from the same features,
+  and :func:`evoray.tasks.score.selection_quality` scores the picks with the generator's ground
+  truth (off-task, redundant duplicates, near-duplicate kind, wrong label, unique-correct,
+  answer-letter total variation to the targets). Two reference rows read ``meta``:
+  ``oracle_on_task`` (random among on-task candidates, one per question) and ``oracle_clean``
+  (random among clean candidates). Selectors use their defaults (EvoSelect: λ = 0.25, 10 blocks,
+  ε = τ = 0.01), except TSDS, which draws without replacement (``replace=False``) so that every
+  row has the same budget of distinct candidates.
+* **Downstream**: LoRA training in-process on each selection (fixed settings: ``TRAIN``), test
+  accuracy on the task's 500 test questions, mean and sample s.d. over ``--seeds`` (the seed of
+  both the selector and training), plus the base model.
+* **Evolution**: ``evoray.evolve`` for 2 rounds with EvoSelect and with the baseline that has
+  the highest unique-correct share in the quality layer (weak generator, ratio 0.1); per round,
+  the selection's wrong-label share against the pool's base rates. Round 2's proxy is the
+  round-1 model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]  # benchmarks/select.py
+
+SELECTORS = ("random", "attribution", "diversity", "attr_div", "tsds", "evoselect")
+ORACLES = ("oracle_on_task", "oracle_clean")
+METHOD_PARAMS = {"tsds": {"replace": False}}
+RATIOS = (0.05, 0.1, 0.2)
+GENERATORS = ("weak", "strong")
+TASKS = ("lookup", "arithmetic")
+# Fixed training settings of the downstream and evolution layers (smollm2-135m learns `lookup`
+# with these; benchmarks/results/train.json): all attention and MLP projections, r = 16.
+TRAIN = {"epochs": 8, "lr": 1e-3, "batch_size": 8, "max_length": 96, "lora_r": 16,
+         "lora_alpha": 32.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                "gate_proj", "up_proj", "down_proj"]}
+QUICK = {"model": "tiny-llama", "pool_size": 200, "dim": 256, "seeds": [0, 1],
+         "train": {**TRAIN, "epochs": 1, "lora_r": 8, "lora_alpha": 32.0,
+                   "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}}
+QUALITY_METRICS = (("off_task", "off-task share"), ("duplicate", "redundant duplicate share"),
+                   ("near_duplicate_kind", "near-duplicate (kind) share"),
+                   ("wrong_label", "wrong-label share"), ("unique_correct", "unique-correct share"),
+                   ("letter_tv", "letter TV distance to the targets"))
+
+
+class Cells:
+    """The cache of finished cells: ``{key: row}`` in a JSON file rewritten after each cell."""
+
+    def __init__(self, path: str, force: bool):
+        self.path = path
+        self.rows = {} if force or not os.path.exists(path) else json.load(open(path))["cells"]
+
+    def get(self, key: str, fn, *args):
+        """The cached row of ``key``, else ``fn(*args)``, stored with its seconds."""
+        if key not in self.rows:
+            t0 = time.perf_counter()
+            row = fn(*args)
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            self.rows[key] = row
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"cells": self.rows}, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+            print(f"[quality] {key}: " + ", ".join(
+                f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                if not isinstance(v, dict | list)), flush=True)
+        return self.rows[key]
+
+
+class Bench:
+    def __init__(self, args):
+        self.a = args
+        self.cells = Cells(args.results, args.force)
+        self._features: dict[str, dict] = {}
+
+    # -- data and features ---------------------------------------------------------------------
+
+    def task(self, task: str, gen: str) -> dict:
+        from evoray.data import read_records
+        from evoray.tasks import write_task
+
+        folder = os.path.join(self.a.work, f"{task}-{gen}-{self.a.pool_size}")
+        if not os.path.exists(f"{folder}/task.json"):  # written last
+            write_task(task, folder, pool_size=self.a.pool_size, generator=gen, seed=0)
+        paths = {n: f"{folder}/{n}.jsonl" for n in ("pool", "targets", "test")}
+        return {**paths, "folder": folder, "pool_records": read_records(paths["pool"], "candidate"),
+                "target_records": read_records(paths["targets"], "target")}
+
+    def features(self, data: dict):
+        """Features of pool and targets (computed once; reused from disk on a rerun)."""
+        if data["folder"] not in self._features:
+            self._features[data["folder"]] = self._featurize(data)
+        return self._features[data["folder"]]
+
+    def _featurize(self, data: dict):
+        from evoray.config import FeaturesConfig
+        from evoray.data.features import read_features
+        from evoray.features.stage import featurize
+
+        cfg = FeaturesConfig(dim=self.a.dim, max_length=96, batch_size=16, num_actors=1,
+                             num_cpus=1.0, num_gpus=self.a.num_gpus, threads=self.a.threads)
+        out = {}
+        for name, kind in (("pool", "candidate"), ("targets", "target")):
+            path = featurize(data[name], self.a.model, None, cfg, out=f"{data['folder']}/"
+                             f"features-{name}-{self.a.model}-{self.a.dim}", kind=kind)
+            out[name] = read_features(path)
+        by_id = {r["id"]: r for r in data["pool_records"]}
+        out["records"] = [by_id[i] for i in out["pool"].ids]  # rows of the feature array
+        return out
+
+    # -- selection -----------------------------------------------------------------------------
+
+    def pick(self, method: str, ratio: float, seed: int, f: dict, task: str):
+        """Rows of ``f["records"]`` picked by ``method`` and how often each was drawn."""
+        from evoray.config import SelectConfig
+        from evoray.select.api import budget
+        from evoray.select.io import select_features
+
+        k = budget(len(f["records"]), ratio=ratio)
+        if method in ORACLES:
+            seen, rows = set(), []
+            for i, r in enumerate(f["records"]):
+                m = r["meta"]
+                ok = m["kind"] == "clean" if method == "oracle_clean" else m["task"] == task
+                if ok and m["qkey"] not in seen:
+                    seen.add(m["qkey"])
+                    rows.append(i)
+            rng = np.random.default_rng(seed)
+            return rng.choice(rows, size=min(k, len(rows)), replace=False), None
+        cfg = SelectConfig(method=method, ratio=ratio, seed=seed,
+                           params=METHOD_PARAMS.get(method, {}))
+        _, sel = select_features(cfg, f["pool"], f["targets"])
+        return sel.indices, sel.explain["count"].tolist()
+
+    def quality(self) -> None:
+        from evoray.tasks.score import pool_rates
+
+        for task in self.a.tasks:
+            for gen in self.a.generators:
+                data = self.task(task, gen)
+                self.cells.get(f"pool|{task}|{gen}", pool_rates, data["pool_records"], task)
+                for ratio in self.a.ratios:
+                    for method in SELECTORS + ORACLES:
+                        self.cells.get(f"quality|{task}|{gen}|{ratio}|{method}",
+                                       self._quality_cell, data, task, ratio, method)
+
+    def _quality_cell(self, data: dict, task: str, ratio: float, method: str) -> dict:
+        from evoray.tasks.score import selection_quality
+
+        f = self.features(data)
+        rows, counts = self.pick(method, ratio, 0, f, task)
+        picks = [f["records"][i] for i in rows]
+        return selection_quality(picks, data["target_records"], task, counts)
+
+    # -- downstream ----------------------------------------------------------------------------
+
+    def train_eval(self, records: list[dict], folder: str, seed: int, test: str) -> dict:
+        from evoray.config import TrainConfig
+        from evoray.data import write_records
+        from evoray.train import evaluate, train
+
+        os.makedirs(folder, exist_ok=True)
+        path = f"{folder}/selected.jsonl"
+        write_records(records, path, "candidate")
+        cfg = TrainConfig(**self.a.train, seed=seed)
+        res = train(path, self.a.model, cfg=cfg, out=f"{folder}/adapter")
+        m = evaluate(self.a.model, res.adapter, test, max_length=96)
+        return {"accuracy": m["accuracy"], "loss": m["loss"], "n_test": m["n"],
+                "train_loss": float(res.history[-1]), "examples": res.n_examples}
+
+    def downstream(self) -> None:
+        for task in self.a.downstream_tasks:
+            for gen in self.a.generators:
+                data = self.task(task, gen)
+                self.cells.get(f"base|{task}", self._base_cell, data)
+                for ratio in self.a.downstream_ratios:
+                    for method in SELECTORS + ORACLES:
+                        for seed in self.a.seeds:
+                            self.cells.get(f"down|{task}|{gen}|{ratio}|{method}|{seed}",
+                                           self._downstream_cell, data, task, gen, ratio,
+                                           method, seed)
+
+    def _base_cell(self, data: dict) -> dict:
+        from evoray.train import evaluate
+
+        m = evaluate(self.a.model, None, data["test"], max_length=96)
+        return {"accuracy": m["accuracy"], "loss": m["loss"], "n_test": m["n"]}
+
+    def _downstream_cell(self, data: dict, task: str, gen: str, ratio: float, method: str,
+                         seed: int) -> dict:
+        f = self.features(data)
+        rows, counts = self.pick(method, ratio, seed, f, task)
+        picks = [f["records"][i] for i, c in zip(rows, counts or [1] * len(rows), strict=True)
+                 for _ in range(c)]
+        folder = os.path.join(self.a.work, "downstream", task, gen, str(ratio), method,
+                              str(seed))
+        return self.train_eval(picks, folder, seed, data["test"])
+
+    # -- evolution -----------------------------------------------------------------------------
+
+    def best_baseline(self, task: str) -> str:
+        gen = "weak" if "weak" in self.a.generators else self.a.generators[0]
+        scores = {m: self.cells.rows.get(f"quality|{task}|{gen}|0.1|{m}", {})
+                  .get("unique_correct", -1) for m in SELECTORS if m != "evoselect"}
+        return max(scores, key=scores.get)
+
+    def evolution(self) -> None:
+        task, gen = self.a.evolution_task, "weak"
+        for method in ("evoselect", self.best_baseline(task)):
+            self.cells.get(f"evo|{task}|{gen}|{method}", self._evolution_cell, task, gen, method)
+
+    def _evolution_cell(self, task: str, gen: str, method: str) -> dict:
+        from evoray.config import load_config
+        from evoray.data import read_records
+        from evoray.evolve import evolve, round_dir
+        from evoray.tasks.score import pool_rates, selection_quality
+
+        run = os.path.join(self.a.work, "evolution", f"{task}-{gen}-{method}")
+        over = {"model": self.a.model, "evolve.task": task, "evolve.rounds": 2,
+                "evolve.run_dir": run, "generate.preset": gen,
+                "generate.pool_size": self.a.pool_size, "select.method": method,
+                "select.ratio": 0.1, "select.params": METHOD_PARAMS.get(method, {}),
+                "features.dim": self.a.dim, "features.max_length": 96,
+                "features.threads": self.a.threads, "features.num_gpus": self.a.num_gpus,
+                **{f"train.{k}": v for k, v in self.a.train.items()}}
+        cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in over.items()])
+        res = evolve(cfg, resume=os.path.exists(f"{run}/manifest.json"), progress=False)
+        targets = read_records(f"{run}/task/targets.jsonl", "target")
+        rounds = []
+        for r, m in enumerate(res["rounds"], 1):
+            rd = round_dir(run, r)
+            picks = read_records(f"{rd}/selection/selected.jsonl", "candidate")
+            rounds.append({"round": r, "accuracy": m.get("accuracy"),
+                           "pool": pool_rates(read_records(f"{rd}/clean.jsonl", "candidate"),
+                                              task),
+                           "selection": selection_quality(picks, targets, task)})
+        return {"method": method, "base_accuracy": (res["base"] or {}).get("accuracy"),
+                "rounds": rounds}
+
+
+# -- report ------------------------------------------------------------------------------------
+
+def _cols(args) -> list[tuple[str, float]]:
+    return [(g, r) for g in args.generators for r in args.ratios]
+
+
+def _fmt(x, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def report(args, rows: dict) -> str:
+    out = [f"# Quality benchmark ({'quick' if args.quick else 'full'} mode)", "",
+           f"Command: `python benchmarks/quality.py {' '.join(args.argv)}`  ",
+           f"Model {args.model}, features dim {args.dim} (base model + fresh LoRA as proxy), "
+           f"pools of {args.pool_size} candidates. Generated by the script on "
+           f"{time.strftime('%Y-%m-%d', time.gmtime())}, {args.hardware}. "
+           "Every number comes from `" + os.path.relpath(args.results) + "`.", ""]
+    out += ["## Selection quality (no training)", "",
+            "Shares of the k = ratio × N picks (see `evoray/tasks/score.py`). `pool` rows are the "
+            "pool's base rates; `on-task base` is the wrong-label share among distinct on-task "
+            "questions, what a selector blind to labels gets once it keeps only on-task, "
+            "distinct questions.", ""]
+    cols = _cols(args)
+    for task in args.tasks:
+        for key, title in QUALITY_METRICS:
+            head = "| method | " + " | ".join(f"{g} {r}" for g, r in cols) + " |"
+            lines = [f"### {task}: {title}", "", head, "|---" * (len(cols) + 1) + "|"]
+            for method in SELECTORS + ORACLES:
+                cells = [rows.get(f"quality|{task}|{g}|{r}|{method}", {}).get(key) for g, r in cols]
+                if all(c is None for c in cells):
+                    continue
+                lines.append(f"| {method} | " + " | ".join(_fmt(c) for c in cells) + " |")
+            pool_key = {"wrong_label": "wrong_label", "off_task": "off_task",
+                        "near_duplicate_kind": "near_duplicate_kind",
+                        "unique_correct": "unique_correct_on_task"}.get(key)
+            if pool_key:
+                lines.append("| *pool* | " + " | ".join(_fmt(rows.get(f"pool|{task}|{g}", {})
+                                                            .get(pool_key)) for g, _ in cols)
+                             + " |")
+            if key == "wrong_label":
+                lines.append("| *on-task base* | " + " | ".join(
+                    _fmt(rows.get(f"pool|{task}|{g}", {}).get("on_task_wrong")) for g, _ in cols)
+                    + " |")
+            out += lines + [""]
+    out += ["## Downstream: test accuracy after LoRA training on the selection", "",
+            f"Training in-process, fixed settings {json.dumps(args.train)}; mean ± s.d. over "
+            f"seeds {args.seeds} (selector and training seed), n = test questions.", ""]
+    for task in args.downstream_tasks:
+        dcols = [(g, r) for g in args.generators for r in args.downstream_ratios]
+        base = rows.get(f"base|{task}")
+        lines = [f"### {task}" + (f" (base model: {base['accuracy']:.3f})" if base else ""), "",
+                 "| method | " + " | ".join(f"{g} {r}" for g, r in dcols) + " |",
+                 "|---" * (len(dcols) + 1) + "|"]
+        for method in SELECTORS + ORACLES:
+            cells = []
+            for g, r in dcols:
+                accs = [rows[k]["accuracy"] for s in args.seeds
+                        if (k := f"down|{task}|{g}|{r}|{method}|{s}") in rows]
+                if not accs:
+                    cells.append("–")
+                else:
+                    sd = statistics.stdev(accs) if len(accs) > 1 else float("nan")
+                    cells.append(f"{statistics.mean(accs):.3f} ± {sd:.3f} ({len(accs)})")
+            if any(c != "–" for c in cells):
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        out += lines + ["", "Cells give mean ± s.d. (seeds done).", ""]
+    evo = [v for k, v in sorted(rows.items()) if k.startswith("evo|")]
+    if evo:
+        out += ["## Evolution: 2 rounds of `evoray evolve` (weak generator, ratio 0.1)", "",
+                f"Task {args.evolution_task}; round 2's proxy is the round-1 model.", "",
+                "| method | round | test acc | wrong-label | pool base | on-task base | "
+                "off-task | duplicate | unique-correct | letter TV |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for e in evo:
+            for r in e["rounds"]:
+                s, p = r["selection"], r["pool"]
+                out.append(f"| {e['method']} | {r['round']} | {_fmt(r['accuracy'])} | "
+                           f"{_fmt(s['wrong_label'])} | {_fmt(p['wrong_label'])} | "
+                           f"{_fmt(p['on_task_wrong'])} | {_fmt(s['off_task'])} | "
+                           f"{_fmt(s['duplicate'])} | {_fmt(s['unique_correct'])} | "
+                           f"{_fmt(s['letter_tv'])} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plots(args, rows: dict, folder: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    specs = [("unique_correct", "quality", args.tasks, args.ratios, "unique-correct share"),
+             ("accuracy", "down", args.downstream_tasks, args.downstream_ratios, "test accuracy")]
+    for metric, layer, tasks, ratios, label in specs:
+        for task in tasks:
+            fig, axes = plt.subplots(1, len(args.generators), figsize=(5 * len(args.generators), 4),
+                                     squeeze=False)
+            drawn = False
+            for ax, g in zip(axes[0], args.generators, strict=True):
+                for method in SELECTORS + ORACLES:
+                    xs, ys = [], []
+                    for r in ratios:
+                        if layer == "quality":
+                            v = rows.get(f"quality|{task}|{g}|{r}|{method}", {}).get(metric)
+                        else:
+                            vs = [rows[k][metric] for s in args.seeds
+                                  if (k := f"down|{task}|{g}|{r}|{method}|{s}") in rows]
+                            v = statistics.mean(vs) if vs else None
+                        if v is not None:
+                            xs.append(r)
+                            ys.append(v)
+                    if xs:
+                        drawn = True
+                        ax.plot(xs, ys, marker="o", label=method,
+                                linestyle="--" if method in ORACLES else "-")
+                if layer == "down" and f"base|{task}" in rows:
+                    ax.axhline(rows[f"base|{task}"]["accuracy"], color="grey", lw=0.8,
+                               label="base model")
+                ax.set(title=f"{task}, {g} generator", xlabel="selection ratio", ylabel=label)
+            if drawn:
+                axes[0][-1].legend(fontsize=7)
+                name = f"quality_{'quick_' if args.quick else ''}{layer}_{task}.png"
+                fig.tight_layout()
+                fig.savefig(os.path.join(folder, name), dpi=90)
+                made.append(name)
+            plt.close(fig)
+    return made
+
+
+def _list(text: str, allowed, cast=str) -> list:
+    if text == "all":
+        return list(allowed)
+    return [cast(x) for x in text.split(",") if x]
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny-llama, small pools: minutes")
+    ap.add_argument("--layers", default="quality,evolution,downstream",
+                    help="comma-separated, run in this order: quality, downstream, evolution")
+    ap.add_argument("--model", help="base model (default smollm2-135m; quick: tiny-llama)")
+    ap.add_argument("--pool-size", type=int, help="candidates per pool (default 2000)")
+    ap.add_argument("--dim", type=int, help="feature dimension (default 1024)")
+    ap.add_argument("--num-gpus", type=float, default=0.0, help="GPUs of the feature actor")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the feature actor")
+    ap.add_argument("--tasks", default=",".join(TASKS), help="quality layer: task families")
+    ap.add_argument("--generators", default=",".join(GENERATORS))
+    ap.add_argument("--ratios", default=",".join(map(str, RATIOS)))
+    ap.add_argument("--downstream-tasks", default="lookup", help="comma-separated or 'all'")
+    ap.add_argument("--downstream-ratios", default="0.1", help="comma-separated or 'all'")
+    ap.add_argument("--seeds", help="downstream seeds (default 0,1,2; quick: 0,1)")
+    ap.add_argument("--evolution-task", default="lookup")
+    ap.add_argument("--epochs", type=int, help="training epochs (default: TRAIN's)")
+    ap.add_argument("--work", help="pools, features, adapters (default runs/quality[_quick])")
+    ap.add_argument("--results",
+                    help="cell cache (default benchmarks/results/quality[_quick].json)")
+    ap.add_argument("--out", help="tables (default benchmarks/results/quality[_quick].md)")
+    ap.add_argument("--force", action="store_true", help="recompute cached cells")
+    args = ap.parse_args(argv)
+    args.argv = argv
+    q = QUICK if args.quick else {}
+    suffix = "_quick" if args.quick else ""
+    args.model = args.model or q.get("model", "smollm2-135m")
+    args.pool_size = args.pool_size or q.get("pool_size", 2000)
+    args.dim = args.dim or q.get("dim", 1024)
+    args.train = dict(q.get("train", TRAIN))
+    if args.epochs:
+        args.train["epochs"] = args.epochs
+    args.tasks = _list(args.tasks, TASKS)
+    args.generators = _list(args.generators, GENERATORS)
+    args.ratios = _list(args.ratios, RATIOS, float)
+    args.downstream_tasks = _list(args.downstream_tasks, args.tasks)
+    args.downstream_ratios = _list(args.downstream_ratios, args.ratios, float)
+    args.seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else q.get("seeds",
+                                                                                   [0, 1, 2])
+    results = os.path.join(_HERE, "results")
+    args.work = args.work or os.path.join("runs", f"quality{suffix}")
+    args.results = args.results or os.path.join(results, f"quality{suffix}.json")
+    args.out = args.out or os.path.join(results, f"quality{suffix}.md")
+    import platform
+
+    import torch
+
+    args.hardware = (f"{torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else
+                     f"CPU only, {os.cpu_count()} cores ({platform.machine()})")
+    os.makedirs(args.work, exist_ok=True)
+    os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
+    bench = Bench(args)
+    t0 = time.perf_counter()
+    for layer in _list(args.layers, ("quality", "downstream", "evolution")):
+        getattr(bench, layer)()
+        write_report(args, bench.cells.rows)
+    print(f"[quality] done in {time.perf_counter() - t0:.0f} s -> {args.out}")
+
+
+def write_report(args, rows: dict) -> None:
+    folder = os.path.dirname(args.out) or "."
+    text = report(args, rows)
+    names = plots(args, rows, folder)
+    text += "\n" + "\n".join(f"![{n}]({n})" for n in names) + "\n"
+    with open(args.out, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()
