@@ -11,8 +11,9 @@ stopped run resumes where it was; ``--force`` recomputes. The tables go to ``--o
 (``benchmarks/results/quality.md``, or ``quality_quick.md``) with PNG plots beside it.
 
 * **Selection quality** (no training): for every task × generator, the simulated pool
-  (``--pool-size`` candidates) and the task's 40 targets are featurized once with the base
-  model as proxy (a fresh LoRA); then every selector at every ratio picks from the same features,
+  (``--pool-size`` candidates, then the evolve loop's cleaning: exact duplicates dropped) and the
+  task's 40 targets are featurized once with the base model as proxy (a fresh LoRA); then every
+  selector at every ratio picks from the same features,
   and :func:`evoray.tasks.score.selection_quality` scores the picks with the generator's ground
   truth (off-task, redundant duplicates, near-duplicate kind, wrong label, unique-correct,
   answer-letter total variation to the targets). Two reference rows read ``meta``:
@@ -32,6 +33,7 @@ stopped run resumes where it was; ``--force`` recomputes. The tables go to ``--o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -67,17 +69,21 @@ class Cells:
     """The cache of finished cells: ``{key: row}`` in a JSON file rewritten after each cell."""
 
     def __init__(self, path: str, force: bool):
-        self.path = path
-        self.rows = {} if force or not os.path.exists(path) else json.load(open(path))["cells"]
+        self.path, self.force, self.done = path, force, set()
+        self.rows = json.load(open(path))["cells"] if os.path.exists(path) else {}
 
     def get(self, key: str, fn, *args):
-        """The cached row of ``key``, else ``fn(*args)``, stored with its seconds."""
-        if key not in self.rows:
+        """The cached row of ``key``, else ``fn(*args)``, stored with its seconds (``force``:
+        every key is computed once in this run)."""
+        if key not in self.done and (self.force or key not in self.rows):
             t0 = time.perf_counter()
             row = fn(*args)
             row["seconds"] = round(time.perf_counter() - t0, 1)
+            if os.path.exists(self.path):  # keep cells another run wrote meanwhile
+                self.rows = {**json.load(open(self.path))["cells"], **self.rows}
             self.rows[key] = row
-            tmp = self.path + ".tmp"
+            self.done.add(key)
+            tmp = f"{self.path}.tmp{os.getpid()}"
             with open(tmp, "w") as f:
                 json.dump({"cells": self.rows}, f, indent=1, sort_keys=True)
             os.replace(tmp, self.path)
@@ -96,14 +102,23 @@ class Bench:
     # -- data and features ---------------------------------------------------------------------
 
     def task(self, task: str, gen: str) -> dict:
+        """The task's files, its simulated pool and the pool after the evolve loop's cleaning
+        (exact duplicates and questions of the targets, dev and test dropped)."""
         from evoray.data import read_records
+        from evoray.evolve import clean_pool, normal_text
         from evoray.tasks import write_task
 
         folder = os.path.join(self.a.work, f"{task}-{gen}-{self.a.pool_size}")
         if not os.path.exists(f"{folder}/task.json"):  # written last
             write_task(task, folder, pool_size=self.a.pool_size, generator=gen, seed=0)
-        paths = {n: f"{folder}/{n}.jsonl" for n in ("pool", "targets", "test")}
-        return {**paths, "folder": folder, "pool_records": read_records(paths["pool"], "candidate"),
+        paths = {n: f"{folder}/{n}.jsonl" for n in ("pool", "clean", "targets", "dev", "test")}
+        if not os.path.exists(paths["clean"]):
+            prompts = {normal_text(r["prompt"]) for name, kind in
+                       (("targets", "target"), ("dev", "mcq"), ("test", "mcq"))
+                       for r in read_records(paths[name], kind)}
+            clean_pool(paths["pool"], paths["clean"], prompts)
+        return {**paths, "folder": folder,
+                "pool_records": read_records(paths["clean"], "candidate"),
                 "target_records": read_records(paths["targets"], "target")}
 
     def features(self, data: dict):
@@ -124,7 +139,15 @@ class Bench:
             path = featurize(data[name], self.a.model, None, cfg, out=f"{data['folder']}/"
                              f"features-{name}-{self.a.model}-{self.a.dim}", kind=kind)
             out[name] = read_features(path)
+        # The raw pool is featurized (once per pool) and the rows of the candidates that
+        # cleaning dropped are left out: a candidate's feature does not depend on the others
+        # (up to 1e-6 from batch padding), so this is the cleaned pool's features.
+        feats = out["pool"]
         by_id = {r["id"]: r for r in data["pool_records"]}
+        keep = np.array([i in by_id for i in feats.ids])
+        out["pool"] = dataclasses.replace(feats, ids=feats.ids[keep], X=feats.X[keep],
+                                          rows=feats.rows[keep], grad_norm=feats.grad_norm[keep],
+                                          loss=feats.loss[keep])
         out["records"] = [by_id[i] for i in out["pool"].ids]  # rows of the feature array
         return out
 
@@ -189,13 +212,14 @@ class Bench:
                 "train_loss": float(res.history[-1]), "examples": res.n_examples}
 
     def downstream(self) -> None:
+        """Seed by seed, so that a partial run has every method at the first seeds."""
         for task in self.a.downstream_tasks:
-            for gen in self.a.generators:
-                data = self.task(task, gen)
-                self.cells.get(f"base|{task}", self._base_cell, data)
-                for ratio in self.a.downstream_ratios:
-                    for method in SELECTORS + ORACLES:
-                        for seed in self.a.seeds:
+            self.cells.get(f"base|{task}", self._base_cell, self.task(task, "weak"))
+            for seed in self.a.seeds:
+                for gen in self.a.generators:
+                    data = self.task(task, gen)
+                    for ratio in self.a.downstream_ratios:
+                        for method in SELECTORS + ORACLES:
                             self.cells.get(f"down|{task}|{gen}|{ratio}|{method}|{seed}",
                                            self._downstream_cell, data, task, gen, ratio,
                                            method, seed)
@@ -226,7 +250,7 @@ class Bench:
 
     def evolution(self) -> None:
         task, gen = self.a.evolution_task, "weak"
-        for method in ("evoselect", self.best_baseline(task)):
+        for method in ("evoselect", self.a.baseline or self.best_baseline(task)):
             self.cells.get(f"evo|{task}|{gen}|{method}", self._evolution_cell, task, gen, method)
 
     def _evolution_cell(self, task: str, gen: str, method: str) -> dict:
@@ -238,7 +262,7 @@ class Bench:
         run = os.path.join(self.a.work, "evolution", f"{task}-{gen}-{method}")
         over = {"model": self.a.model, "evolve.task": task, "evolve.rounds": 2,
                 "evolve.run_dir": run, "generate.preset": gen,
-                "generate.pool_size": self.a.pool_size, "select.method": method,
+                "generate.pool_size": self.a.evolution_pool_size, "select.method": method,
                 "select.ratio": 0.1, "select.params": METHOD_PARAMS.get(method, {}),
                 "features.dim": self.a.dim, "features.max_length": 96,
                 "features.threads": self.a.threads, "features.num_gpus": self.a.num_gpus,
@@ -268,6 +292,26 @@ def _fmt(x, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def summary_table(rows: dict, task: str, gen: str, ratio: float) -> list[str]:
+    """Every quality metric of every method in one cell (task, generator, ratio)."""
+    pool = rows.get(f"pool|{task}|{gen}")
+    if pool is None:
+        return []
+    lines = [f"### {task}, {gen} generator, ratio {ratio}: all metrics", "",
+             "| method | " + " | ".join(t for _, t in QUALITY_METRICS) + " |",
+             "|---" * (len(QUALITY_METRICS) + 1) + "|"]
+    for method in SELECTORS + ORACLES:
+        c = rows.get(f"quality|{task}|{gen}|{ratio}|{method}")
+        if c:
+            lines.append(f"| {method} | " + " | ".join(_fmt(c[k]) for k, _ in QUALITY_METRICS)
+                         + " |")
+    lines.append(f"| *pool (N = {pool['n']})* | {_fmt(pool['off_task'])} | – | "
+                 f"{_fmt(pool['near_duplicate_kind'])} | {_fmt(pool['wrong_label'])} "
+                 f"(on-task {_fmt(pool['on_task_wrong'])}) | "
+                 f"{_fmt(pool['unique_correct_on_task'])} (on-task) | – |")
+    return lines
+
+
 def report(args, rows: dict) -> str:
     out = [f"# Quality benchmark ({'quick' if args.quick else 'full'} mode)", "",
            f"Command: `python benchmarks/quality.py {' '.join(args.argv)}`  ",
@@ -281,6 +325,9 @@ def report(args, rows: dict) -> str:
             "questions, what a selector blind to labels gets once it keeps only on-task, "
             "distinct questions.", ""]
     cols = _cols(args)
+    for task in args.tasks:
+        for g in args.generators:
+            out += summary_table(rows, task, g, 0.1) + [""]
     for task in args.tasks:
         for key, title in QUALITY_METRICS:
             head = "| method | " + " | ".join(f"{g} {r}" for g, r in cols) + " |"
@@ -399,7 +446,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny-llama, small pools: minutes")
     ap.add_argument("--layers", default="quality,evolution,downstream",
-                    help="comma-separated, run in this order: quality, downstream, evolution")
+                    help="comma-separated, run in this order: quality, downstream, evolution; "
+                         "report = rewrite the tables from the cache only")
     ap.add_argument("--model", help="base model (default smollm2-135m; quick: tiny-llama)")
     ap.add_argument("--pool-size", type=int, help="candidates per pool (default 2000)")
     ap.add_argument("--dim", type=int, help="feature dimension (default 1024)")
@@ -412,6 +460,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--downstream-ratios", default="0.1", help="comma-separated or 'all'")
     ap.add_argument("--seeds", help="downstream seeds (default 0,1,2; quick: 0,1)")
     ap.add_argument("--evolution-task", default="lookup")
+    ap.add_argument("--evolution-pool-size", type=int, help="candidates a round (default: "
+                    "--pool-size)")
+    ap.add_argument("--baseline", choices=SELECTORS[:-1],
+                    help="evolution's baseline (default: the highest unique-correct share at "
+                         "ratio 0.1, weak generator, in the quality layer)")
     ap.add_argument("--epochs", type=int, help="training epochs (default: TRAIN's)")
     ap.add_argument("--work", help="pools, features, adapters (default runs/quality[_quick])")
     ap.add_argument("--results",
@@ -425,6 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     args.model = args.model or q.get("model", "smollm2-135m")
     args.pool_size = args.pool_size or q.get("pool_size", 2000)
     args.dim = args.dim or q.get("dim", 1024)
+    args.evolution_pool_size = args.evolution_pool_size or args.pool_size
     args.train = dict(q.get("train", TRAIN))
     if args.epochs:
         args.train["epochs"] = args.epochs
@@ -450,7 +504,11 @@ def main(argv: list[str] | None = None) -> None:
     bench = Bench(args)
     t0 = time.perf_counter()
     for layer in _list(args.layers, ("quality", "downstream", "evolution")):
-        getattr(bench, layer)()
+        if layer not in ("quality", "downstream", "evolution", "report"):
+            ap.error(f"--layers: unknown layer {layer!r} (quality, downstream, evolution, "
+                     "report = only rewrite the tables from the cache)")
+        if layer != "report":
+            getattr(bench, layer)()
         write_report(args, bench.cells.rows)
     print(f"[quality] done in {time.perf_counter() - t0:.0f} s -> {args.out}")
 

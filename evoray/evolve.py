@@ -71,7 +71,8 @@ from evoray.data.io import (
 from evoray.data.records import validate_record
 from evoray.errors import EvorayError, RecordError
 
-__all__ = ["evolve", "clean_pool", "Manifest", "round_dir", "FAIL_ENV", "KILL_ENV", "KINDS"]
+__all__ = ["evolve", "clean_pool", "normal_text", "Manifest", "round_dir", "FAIL_ENV", "KILL_ENV",
+           "KINDS"]
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,8 @@ def _versions() -> dict:
     return out
 
 
-def _normal(text: str) -> str:
+def normal_text(text: str) -> str:
+    """Lower-cased, whitespace-collapsed text: how cleaning compares prompts and responses."""
     return " ".join(text.lower().split())
 
 
@@ -255,14 +257,14 @@ def clean_pool(path: str, out: str, eval_prompts: set[str]) -> dict:
             invalid += 1
             first_error = first_error or str(e)
             continue
-        pair = hashlib.sha256(f"{_normal(rec['prompt'])}\x00{_normal(rec['response'])}"
+        pair = hashlib.sha256(f"{normal_text(rec['prompt'])}\x00{normal_text(rec['response'])}"
                               .encode()).digest()
         if rec["id"] in seen_ids or pair in seen_pairs:
             dup += 1
             continue
         seen_ids.add(rec["id"])
         seen_pairs.add(pair)
-        if _normal(rec["prompt"]) in eval_prompts:
+        if normal_text(rec["prompt"]) in eval_prompts:
             contaminated += 1
             continue
         kept.append(rec)
@@ -544,10 +546,10 @@ def evolve(cfg: Config, *, resume: bool = False, say=print, progress: bool = Tru
     files["target_records"] = read_records(files["targets"], "target")
     files["targets_hash"] = _file_digest(files["targets"])
     files["test_hash"] = _file_digest(files["test"])
-    eval_prompts = {_normal(r["prompt"]) for r in files["target_records"]}
+    eval_prompts = {normal_text(r["prompt"]) for r in files["target_records"]}
     for name in ("dev", "test"):
         if files[name]:
-            eval_prompts |= {_normal(r["prompt"]) for r in read_records(files[name], "mcq")}
+            eval_prompts |= {normal_text(r["prompt"]) for r in read_records(files[name], "mcq")}
     files["eval_hash"] = _digest(sorted(eval_prompts))
     say(f"[evolve] {cfg.evolve.rounds} round(s) of {cfg.generate.kind} candidates "
         f"({cfg.generate.pool_size} a round), {cfg.select.method} selection, model "

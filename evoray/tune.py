@@ -231,10 +231,6 @@ def _cluster(cfg: Config) -> tuple[dict[str, float], dict[str, float] | None]:
 
 # -- what every trial shares ----------------------------------------------------------------
 
-def _normal(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
 def prepare_shared(cfg: Config, shared: str, *, say=print) -> dict[str, str | None]:
     """Task files, round-1 pool, cleaned pool and features (base proxy) under ``shared``, each
     stage recorded in ``shared/manifest.json`` and skipped when already there.
@@ -245,7 +241,7 @@ def prepare_shared(cfg: Config, shared: str, *, say=print) -> dict[str, str | No
     """
     from evoray.data import read_records, write_records
     from evoray.data.io import _read_bytes, atomic_write_bytes
-    from evoray.evolve import Manifest, clean_pool
+    from evoray.evolve import Manifest, clean_pool, normal_text
     from evoray.features.stage import _NOT_HASHED, featurize
     from evoray.generate import RoundContext, make_generator
 
@@ -282,7 +278,7 @@ def prepare_shared(cfg: Config, shared: str, *, say=print) -> dict[str, str | No
 
             splits = make_splits(ev.task, cfg.seed)
             targets, dev, test = (split_records(splits, s) for s in ("val", "dev", "test"))
-        prompts = sorted({_normal(r["prompt"]) for r in (*targets, *dev, *test)})
+        prompts = sorted({normal_text(r["prompt"]) for r in (*targets, *dev, *test)})
         write_records(targets, p["targets"], "target")
         write_records(dev[:sw.dev_size], p["dev"], "mcq")
         if test:
