@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import faiss
 import numpy as np
 
-__all__ = ["BLOCK_ROWS", "UnitRows", "blocks", "ivf_index", "knn", "unit"]
+__all__ = ["BLOCK_ROWS", "ResidualRows", "UnitRows", "blocks", "ivf_index", "knn",
+           "principal_directions", "unit"]
 
 BLOCK_ROWS = 8192  # rows per block: 32 MiB of float32 at d = 1024
 
@@ -93,6 +94,65 @@ class UnitRows:
 
     def iter(self, size: int = BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
         """``(start, normalised block)`` pairs over all rows."""
+        for s, e in blocks(len(self), size):
+            yield s, self.rows(s, e)
+
+
+def principal_directions(base: UnitRows, m: int, *, sample: int = 20000,
+                         seed: int = 0) -> np.ndarray:
+    """The top ``m`` principal directions of ``base``'s normalised rows, (m, d) float32.
+
+    Eigenvectors of the second-moment matrix ``XᵀX`` (the rows are centred already when
+    ``base`` centres) of at most ``sample`` rows drawn with ``seed``, in float64; for fewer
+    sampled rows than dimensions the Gram matrix ``XXᵀ`` is decomposed instead.
+    """
+    n = len(base)
+    rows = np.arange(n) if n <= sample else np.sort(
+        np.random.default_rng(seed).choice(n, size=sample, replace=False))
+    X = base.take(rows).astype(np.float64)
+    m = min(m, len(X), X.shape[1])
+    if len(X) < X.shape[1]:
+        w, U = np.linalg.eigh(X @ X.T)
+        top = U[:, ::-1][:, :m]
+        P = (X.T @ top) / np.sqrt(np.maximum(w[::-1][:m], np.finfo(float).tiny))
+        return np.ascontiguousarray(P.T, dtype=np.float32)
+    _, V = np.linalg.eigh(X.T @ X)
+    return np.ascontiguousarray(V[:, ::-1][:, :m].T, dtype=np.float32)
+
+
+class ResidualRows:
+    """``base``'s normalised rows with the directions ``P`` (m, d, orthonormal) projected out,
+    renormalised: ``r_i = (ĝ_i − PᵀPĝ_i) / ‖·‖``. Same block interface as :class:`UnitRows`.
+
+    With ``P`` = the pool's top principal directions, what the pool's candidates share (in
+    gradient features of MCQ data: the wording of a template and the answer letter) is removed,
+    and what tells one question from another remains.
+    """
+
+    def __init__(self, base: UnitRows, P: np.ndarray):
+        self.base, self.P = base, np.ascontiguousarray(P, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    @property
+    def dim(self) -> int:
+        return self.base.dim
+
+    def _residual(self, x: np.ndarray) -> np.ndarray:
+        x = x - (x @ self.P.T) @ self.P
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return self._residual(self.base.rows(start, stop))
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        return self._residual(self.base.take(idx))
+
+    def dense(self) -> np.ndarray:
+        return self.rows(0, len(self))
+
+    def iter(self, size: int = BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
         for s, e in blocks(len(self), size):
             yield s, self.rows(s, e)
 

@@ -288,8 +288,9 @@ def mean_distances(G, V, lams, **kw):
 
 
 def test_raising_lam_raises_mean_pairwise_distance(data):
+    """Measured in the centred feature space, where novelty lives with ``novelty_pcs=0``."""
     G, V, _ = data
-    dist = mean_distances(G, V, [0, 0.25, 0.5, 0.75])
+    dist = mean_distances(G, V, [0, 0.25, 0.5, 0.75], novelty_pcs=0)
     assert all(np.diff(dist) >= 0) and dist[-1] > dist[0] + 0.2
     plain = mean_distances(G, V, [0, 0.25, 0.5, 0.75, 1.0], min_share=0, redundant_cos=None)
     assert all(np.diff(plain) > 0)  # the bare rank rule of ALGORITHMS.md
@@ -299,18 +300,23 @@ def test_raising_lam_raises_mean_pairwise_distance(data):
                    "the minimum distance, not the mean; on this fixture it ends 0.5% below 0.75")
 def test_raising_lam_monotone_up_to_one(data):
     G, V, _ = data
-    assert all(np.diff(mean_distances(G, V, [0, 0.25, 0.5, 0.75, 1.0])) >= 0)
+    assert all(np.diff(mean_distances(G, V, [0, 0.25, 0.5, 0.75, 1.0], novelty_pcs=0)) >= 0)
 
 
-def test_evoselect_sparse_and_knn_paths_agree_with_dense(data):
+@pytest.mark.parametrize(("pcs", "least"), [(0, 0.95), (50, 0.85)])
+def test_evoselect_sparse_and_knn_paths_agree_with_dense(data, pcs, least):
+    """The kNN novelty path updates only a pick's nearest neighbours. Once the shared
+    directions are projected out (the default, 16 of this fixture's 64 dims) the residuals are
+    flatter and that approximation agrees less with the dense scan: 0.89 of the picks here,
+    against 0.99 on the features themselves (sparse OT alone: 1.0 either way)."""
     G, V, _ = data
-    dense = select(G, V, 150, method="evoselect")
+    dense = select(G, V, 150, method="evoselect", novelty_pcs=pcs)
     fast = select(G, V, 150, method="evoselect", sparse_above=1000, ot_knn=200, novelty="knn",
-                  nlist=16, nprobe=16)
+                  nlist=16, nprobe=16, novelty_pcs=pcs)
     assert fast.diagnostics["sparse"] and fast.diagnostics["novelty"] == "knn"
     assert fast.diagnostics["target_marginal_err"] < 1e-6
     overlap = len(np.intersect1d(dense.indices, fast.indices)) / 150
-    assert overlap >= 0.9
+    assert overlap >= least
 
 
 def test_evoselect_lava_option(data):
@@ -363,3 +369,47 @@ def test_bad_inputs(data, caplog):
         select(zero[:10], V, 10)
     with pytest.raises(SelectError, match="every target feature has zero norm"):
         select(G, np.zeros_like(V), 5)
+
+
+def hidden_duplicates(seed=0, d=256, nq=300):
+    """MCQ-like features: a strong template direction (3 wordings), an answer-letter direction
+    (4 letters) and a weak question direction; half the questions appear twice, in two wordings
+    (near-duplicates whose cosine, 0.36, is far below that of other questions of one wording and
+    letter, 0.93)."""
+    rng = np.random.default_rng(seed)
+
+    def rand(n, norm):
+        x = rng.standard_normal((n, d))
+        return norm * x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    T, L, Q = rand(3, 3.0), rand(4, 2.0), rand(nq, 1.0)
+    rows, qs = [], []
+    for q in range(nq):
+        letter = rng.integers(4)
+        for t in rng.choice(3, size=2 if q % 2 == 0 else 1, replace=False):
+            rows.append(T[t] + L[letter] + Q[q] + 0.05 * rng.standard_normal(d))
+            qs.append(q)
+    V = np.stack([T[rng.integers(3)] + L[rng.integers(4)] + rand(1, 1.0)[0] for _ in range(40)])
+    return np.asarray(rows, np.float32), V.astype(np.float32), np.array(qs)
+
+
+def test_novelty_without_the_shared_directions_sees_hidden_duplicates():
+    G, V, qs = hidden_duplicates()
+    repeats = {pcs: 150 - len(set(qs[select(G, V, 150, method="evoselect",
+                                            novelty_pcs=pcs).indices]))
+               for pcs in (0, 50)}
+    assert repeats[0] >= 8  # novelty on the features: both wordings of many questions
+    assert repeats[50] <= 1, repeats
+
+
+@pytest.mark.parametrize("n", [40, 500])  # fewer rows than dims (Gram path), and more
+def test_principal_directions_match_numpy_svd(n):
+    from evoray.select.geometry import UnitRows, principal_directions
+
+    rng = np.random.default_rng(1)
+    G = (rng.standard_normal((n, 64)) * np.linspace(5, 0.1, 64)).astype(np.float32)
+    U = UnitRows(G, center=True)
+    P = principal_directions(U, 6)
+    _, _, Vt = np.linalg.svd(U.dense().astype(np.float64), full_matrices=False)
+    assert P.shape == (6, 64)
+    np.testing.assert_allclose(np.abs(P @ Vt[:6].T), np.eye(6), atol=1e-4)
