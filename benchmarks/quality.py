@@ -100,13 +100,22 @@ class Bench:
         self.cells = Cells(args.results, args.force, " ".join(
             ["python benchmarks/quality.py", *args.argv]) + f"  ({time.strftime('%Y-%m-%d')}, "
             f"{args.hardware})")
+        self._tasks: dict[tuple[str, str], dict] = {}
         self._features: dict[str, dict] = {}
+        # the features stage's settings, shared by the quality layer and the evolve runs
+        self.features_cfg = {"dim": args.dim, "max_length": 96, "threads": args.threads,
+                             "num_gpus": args.num_gpus}
 
     # -- data and features ---------------------------------------------------------------------
 
     def task(self, task: str, gen: str) -> dict:
         """The task's files, its simulated pool and the pool after the evolve loop's cleaning
-        (exact duplicates and questions of the targets, dev and test dropped)."""
+        (exact duplicates and questions of the targets, dev and test dropped); read once."""
+        if (task, gen) not in self._tasks:
+            self._tasks[task, gen] = self._task(task, gen)
+        return self._tasks[task, gen]
+
+    def _task(self, task: str, gen: str) -> dict:
         from evoray.data import read_records
         from evoray.evolve import clean_pool, normal_text
         from evoray.tasks import write_task
@@ -135,8 +144,7 @@ class Bench:
         from evoray.data.features import read_features
         from evoray.features.stage import featurize
 
-        cfg = FeaturesConfig(dim=self.a.dim, max_length=96, batch_size=16, num_actors=1,
-                             num_cpus=1.0, num_gpus=self.a.num_gpus, threads=self.a.threads)
+        cfg = FeaturesConfig(**self.features_cfg, batch_size=16, num_actors=1, num_cpus=1.0)
         out = {}
         for name, kind in (("pool", "candidate"), ("targets", "target")):
             path = featurize(data[name], self.a.model, None, cfg, out=f"{data['folder']}/"
@@ -267,8 +275,7 @@ class Bench:
                 "evolve.run_dir": run, "generate.preset": gen,
                 "generate.pool_size": self.a.evolution_pool_size, "select.method": method,
                 "select.ratio": 0.1, "select.params": METHOD_PARAMS.get(method, {}),
-                "features.dim": self.a.dim, "features.max_length": 96,
-                "features.threads": self.a.threads, "features.num_gpus": self.a.num_gpus,
+                **{f"features.{k}": v for k, v in self.features_cfg.items()},
                 **{f"train.{k}": v for k, v in self.a.train.items()}}
         cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in over.items()])
         res = evolve(cfg, resume=os.path.exists(f"{run}/manifest.json"), progress=False)

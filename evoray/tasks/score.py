@@ -36,7 +36,7 @@ def letter_tv(responses: list[str], target_responses: list[str]) -> float:
     """Total-variation distance between two answer-letter distributions (0 = the same)."""
     a, b = collections.Counter(responses), collections.Counter(target_responses)
     na, nb = sum(a.values()), sum(b.values())
-    return 0.5 * sum(abs(a[x] / na - b[x] / nb) for x in set(a) | set(b))
+    return 0.5 * sum(abs(a[x] / na - b[x] / nb) for x in sorted(set(a) | set(b)))
 
 
 def selection_quality(picks: list[dict], targets: list[dict], task: str,
