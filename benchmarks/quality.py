@@ -194,7 +194,7 @@ class Bench:
                 data = self.task(task, gen)
                 self.cells.get(f"pool|{task}|{gen}", pool_rates, data["pool_records"], task)
                 for ratio in self.a.ratios:
-                    for method in SELECTORS + ORACLES:
+                    for method in self.a.methods:
                         self.cells.get(f"quality|{task}|{gen}|{ratio}|{method}",
                                        self._quality_cell, data, task, ratio, method)
 
@@ -230,7 +230,7 @@ class Bench:
                 for gen in self.a.generators:
                     data = self.task(task, gen)
                     for ratio in self.a.downstream_ratios:
-                        for method in SELECTORS + ORACLES:
+                        for method in self.a.methods:
                             self.cells.get(f"down|{task}|{gen}|{ratio}|{method}|{seed}",
                                            self._downstream_cell, data, task, gen, ratio,
                                            method, seed)
@@ -470,6 +470,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ratios", default=",".join(map(str, RATIOS)))
     ap.add_argument("--downstream-tasks", default="lookup", help="comma-separated or 'all'")
     ap.add_argument("--downstream-ratios", default="0.1", help="comma-separated or 'all'")
+    ap.add_argument("--methods", default="all", help="rows of the quality and downstream "
+                    f"layers, comma-separated or 'all' ({', '.join(SELECTORS + ORACLES)})")
     ap.add_argument("--seeds", help="downstream seeds (default 0,1,2; quick: 0,1)")
     ap.add_argument("--evolution-task", default="lookup")
     ap.add_argument("--evolution-pool-size", type=int, help="candidates a round (default: "
@@ -497,6 +499,11 @@ def main(argv: list[str] | None = None) -> None:
     args.tasks = _list(args.tasks, TASKS)
     args.generators = _list(args.generators, GENERATORS)
     args.ratios = _list(args.ratios, RATIOS, float)
+    args.methods = _list(args.methods, SELECTORS + ORACLES)
+    unknown = sorted(set(args.methods) - set(SELECTORS + ORACLES))
+    if unknown:
+        ap.error(f"--methods: unknown {', '.join(unknown)} (valid: "
+                 f"{', '.join(SELECTORS + ORACLES)})")
     args.downstream_tasks = _list(args.downstream_tasks, args.tasks)
     args.downstream_ratios = _list(args.downstream_ratios, args.ratios, float)
     args.seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else q.get("seeds",
