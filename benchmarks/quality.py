@@ -535,22 +535,19 @@ def main(argv: list[str] | None = None) -> None:
 def report_grid(args, rows: dict):
     """``args`` with its grid widened to every cell in the cache, so that a run restricted to
     some cells (``--generators weak --seeds 0``) still renders all the finished ones."""
-    def union(ours, found, order=None):
-        extra = sorted(set(found) - set(ours), key=lambda x: (order.index(x) if order and
-                                                              x in order else len(order or ()),
-                                                              x))
-        merged = list(ours) + extra
-        return sorted(merged) if order is None else merged
+    def union(ours, found, order=()):  # canonical order first, then the others sorted
+        merged = set(ours) | set(found)
+        return [x for x in order if x in merged] + sorted(merged - set(order))
 
     keys = [k.split("|") for k in rows]
     quality = [k for k in keys if k[0] == "quality"]
     down = [k for k in keys if k[0] == "down"]
     return argparse.Namespace(**{
         **vars(args),
-        "tasks": union(args.tasks, [k[1] for k in quality], list(TASKS)),
-        "generators": union(args.generators, [k[2] for k in quality + down], list(GENERATORS)),
+        "tasks": union(args.tasks, [k[1] for k in quality], TASKS),
+        "generators": union(args.generators, [k[2] for k in quality + down], GENERATORS),
         "ratios": union(args.ratios, [float(k[3]) for k in quality]),
-        "downstream_tasks": union(args.downstream_tasks, [k[1] for k in down], list(TASKS)),
+        "downstream_tasks": union(args.downstream_tasks, [k[1] for k in down], TASKS),
         "downstream_ratios": union(args.downstream_ratios, [float(k[3]) for k in down]),
         "seeds": union(args.seeds, [int(k[5]) for k in down])})
 
