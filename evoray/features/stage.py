@@ -342,11 +342,12 @@ def _lora_layers(model: str, cfg: FeaturesConfig, adapter: str | None,
     from evoray.models import BUILTIN_MODELS, load_model, remote_code_allowed, smollm2_dir
     from evoray.train.adapter import check_adapter, localize
 
+    # the one-time GGUF conversion loads real weights, so it runs before the meta device is set
+    source = str(smollm2_dir(cache_dir)) if model == "smollm2-135m" else model
     with torch.device("meta"):
         if model.startswith("tiny-"):
             base, _ = load_model(model)
         else:
-            source = str(smollm2_dir(cache_dir)) if model == "smollm2-135m" else model
             try:
                 base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(
                     os.path.expanduser(source), trust_remote_code=remote_code_allowed()))

@@ -125,3 +125,17 @@ def test_smollm2_converted_once_then_reused(tmp_path_factory):
     enc = encode_pair(tok, PROMPT, "A", max_length=64)
     assert tok.decode([t for t in enc.labels if t != IGNORE]) == " A" + tok.eos_token
     assert tok.padding_side == "right" and tok.pad_token_id is not None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_features_convert_smollm2_on_first_use(tmp_path):
+    """The features stage is often the first to touch SmolLM2 on a fresh machine: its layer
+    listing runs under the meta device, and the one-time conversion must still load real
+    weights (transformers refuses ``from_pretrained`` under a meta device)."""
+    from evoray.config import FeaturesConfig
+    from evoray.features.stage import _lora_layers
+
+    names = _lora_layers("smollm2-135m", FeaturesConfig(), None, str(tmp_path))
+    assert (tmp_path / "smollm2-135m" / "model.safetensors").exists()
+    assert len(names) == 30 * 4 and all(".self_attn." in n for n in names)  # q, k, v, o
