@@ -377,12 +377,16 @@ def report(args, rows: dict) -> str:
                         if (k := f"down|{task}|{g}|{r}|{method}|{s}") in rows]
                 if not accs:
                     cells.append("–")
+                elif len(accs) == 1:
+                    cells.append(f"{accs[0]:.3f} (1 seed)")
                 else:
-                    sd = statistics.stdev(accs) if len(accs) > 1 else float("nan")
-                    cells.append(f"{statistics.mean(accs):.3f} ± {sd:.3f} ({len(accs)})")
+                    each = ", ".join(f"{a:.3f}" for a in accs)
+                    cells.append(f"{statistics.mean(accs):.3f} ± {statistics.stdev(accs):.3f} "
+                                 f"({each})")
             if any(c != "–" for c in cells):
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        out += lines + ["", "Cells give mean ± s.d. (seeds done).", ""]
+        out += lines + ["", "Cells give mean ± s.d. over the seeds done, then each seed's "
+                          "accuracy in seed order.", ""]
     evo = [v for k, v in sorted(rows.items()) if k.startswith("evo|")]
     if evo:
         out += ["## Evolution: 2 rounds of `evoray evolve` (weak generator, ratio 0.1)", "",
