@@ -49,6 +49,7 @@ SELECTORS = ("random", "attribution", "diversity", "attr_div", "tsds", "evoselec
 ORACLES = ("oracle_on_task", "oracle_clean")
 METHOD_PARAMS = {"tsds": {"replace": False}}
 RATIOS = (0.05, 0.1, 0.2)
+LAYERS = ("quality", "downstream", "evolution", "proxy")
 GENERATORS = ("weak", "strong")
 TASKS = ("lookup", "arithmetic")
 # Fixed training settings of the downstream and evolution layers (smollm2-135m learns `lookup`
@@ -139,7 +140,7 @@ class Bench:
             self._features[data["folder"]] = self._featurize(data)
         return self._features[data["folder"]]
 
-    def _featurize(self, data: dict):
+    def _featurize(self, data: dict, adapter: str | None = None, tag: str = ""):
         from evoray.config import FeaturesConfig
         from evoray.data.features import read_features
         from evoray.features.stage import featurize
@@ -147,8 +148,8 @@ class Bench:
         cfg = FeaturesConfig(**self.features_cfg, batch_size=16, num_actors=1, num_cpus=1.0)
         out = {}
         for name, kind in (("pool", "candidate"), ("targets", "target")):
-            path = featurize(data[name], self.a.model, None, cfg, out=f"{data['folder']}/"
-                             f"features-{name}-{self.a.model}-{self.a.dim}", kind=kind)
+            path = featurize(data[name], self.a.model, adapter, cfg, out=f"{data['folder']}/"
+                             f"features-{name}-{self.a.model}-{self.a.dim}{tag}", kind=kind)
             out[name] = read_features(path)
         # The raw pool is featurized (once per pool) and the rows of the candidates that
         # cleaning dropped are left out: a candidate's feature does not depend on the others
@@ -260,7 +261,7 @@ class Bench:
         return max(scores, key=scores.get)
 
     def evolution(self) -> None:
-        task, gen = self.a.evolution_task, "weak"
+        task, gen = self.a.evolution_task, self.a.evolution_generator
         for method in ("evoselect", self.a.baseline or self.best_baseline(task)):
             self.cells.get(f"evo|{task}|{gen}|{method}", self._evolution_cell, task, gen, method)
 
@@ -290,6 +291,75 @@ class Bench:
                            "selection": selection_quality(picks, targets, task)})
         return {"method": method, "base_accuracy": (res["base"] or {}).get("accuracy"),
                 "rounds": rounds}
+
+
+    # -- trained proxy -------------------------------------------------------------------------
+
+    def proxy(self) -> None:
+        """Could a trained proxy tell right labels from wrong ones? The evolution layer's premise,
+        tested without depending on round 1: the proxy is the model trained on the clean
+        oracle's selection (the downstream cell oracle_clean, weak, ratio 0.1, seed 0: a model
+        that learned the task), the pool is the quality layer's weak pool, and every selector
+        picks at ratio 0.1 from the features of that proxy. It is the ceiling of what round 2
+        could do had round 1 learned. ``proxy-sep`` gives, among the pool's on-task
+        candidates, the AUC with which a score ranks right labels above wrong ones (0.5 = blind):
+        the attribution score (centred cosine to the mean target), EvoSelect's OT mass, and,
+        outside every selector, the proxy's own loss on the candidate (lower = right)."""
+        task, gen = self.a.evolution_task, "weak"
+        data = self.task(task, gen)
+        for method in SELECTORS:
+            self.cells.get(f"proxy|{task}|{gen}|0.1|{method}", self._proxy_cell, data, task,
+                           method)
+        self.cells.get(f"proxy-sep|{task}|{gen}", self._proxy_separation, data, task)
+
+    def proxy_features(self, data: dict, task: str) -> dict:
+        key = data["folder"] + "|proxy"
+        if key in self._features:
+            return self._features[key]
+        folder = os.path.join(self.a.work, "proxy", os.path.basename(data["folder"]))
+        rows, _ = self.pick("oracle_clean", 0.1, 0, {"records": data["pool_records"]}, task)
+        adapter = f"{folder}/adapter"
+        if not os.path.exists(f"{folder}/proxy.json"):  # written last
+            m = self.train_eval([data["pool_records"][i] for i in rows], folder, 0, data["test"])
+            with open(f"{folder}/proxy.json", "w") as f:
+                json.dump(m, f)
+        with open(f"{folder}/proxy.json") as f:
+            trained = json.load(f)
+        self._features[key] = {**self._featurize(data, adapter, "-oracle-clean-proxy"),
+                               "proxy": trained}
+        return self._features[key]
+
+    def _proxy_cell(self, data: dict, task: str, method: str) -> dict:
+        from evoray.tasks.score import selection_quality
+
+        f = self.proxy_features(data, task)
+        rows, counts = self.pick(method, 0.1, 0, f, task)
+        return {**selection_quality([f["records"][i] for i in rows], data["target_records"],
+                                    task, counts), "proxy_accuracy": f["proxy"]["accuracy"]}
+
+    def _proxy_separation(self, data: dict, task: str) -> dict:
+        from evoray.config import SelectConfig
+        from evoray.select.io import select_features
+        from evoray.tasks.score import separation_auc as auc
+
+        f = self.proxy_features(data, task)
+        G, V = f["pool"].X.astype(np.float64), f["targets"].X.astype(np.float64)
+        mu = G.mean(axis=0)
+        v = _unit(V - mu).mean(axis=0)
+        attribution = _unit(G - mu) @ v
+        _, sel = select_features(SelectConfig(method="evoselect", ratio=0.1, seed=0),
+                                 f["pool"], f["targets"])
+        on = np.array([r["meta"]["task"] == task for r in f["records"]])
+        right = np.array([r["response"] == r["meta"]["correct"] for r in f["records"]])
+        scores = {"attribution": attribution, "ot_mass": np.asarray(sel.scores["alignment"], float),
+                  "neg_loss": -f["pool"].loss.astype(np.float64)}
+        return {"n_on_task": int(on.sum()), "wrong_on_task": float(1 - right[on].mean()),
+                "proxy_accuracy": f["proxy"]["accuracy"],
+                **{f"auc_{n}": auc(s[on & right], s[on & ~right]) for n, s in scores.items()}}
+
+
+def _unit(X: np.ndarray) -> np.ndarray:
+    return X / np.linalg.norm(X, axis=1, keepdims=True)
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -387,23 +457,62 @@ def report(args, rows: dict) -> str:
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
         out += lines + ["", "Cells give mean ± s.d. over the seeds done, then each seed's "
                           "accuracy in seed order.", ""]
-    evo = [v for k, v in sorted(rows.items()) if k.startswith("evo|")]
-    if evo:
-        out += ["## Evolution: 2 rounds of `evoray evolve` (weak generator, ratio 0.1)", "",
+    if any(k.startswith("evo|") for k in rows):
+        out += ["## Evolution: 2 rounds of `evoray evolve` (ratio 0.1)", "",
                 f"Task {args.evolution_task}; round 2's proxy is the round-1 model.", "",
-                "| method | round | test acc | wrong-label | pool base | on-task base | "
-                "off-task | duplicate | unique-correct | letter TV |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
-        for e in evo:
+                "| generator | method | round | test acc | wrong-label | pool base | "
+                "on-task base | off-task | duplicate | unique-correct | letter TV |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        order = {g: i for i, g in enumerate(GENERATORS)}
+        for key in sorted((k for k in rows if k.startswith("evo|")),
+                          key=lambda k: (order.get(k.split("|")[2], 9), k)):
+            e, gen = rows[key], key.split("|")[2]
             for r in e["rounds"]:
                 s, p = r["selection"], r["pool"]
-                out.append(f"| {e['method']} | {r['round']} | {_fmt(r['accuracy'])} | "
+                out.append(f"| {gen} | {e['method']} | {r['round']} | {_fmt(r['accuracy'])} | "
                            f"{_fmt(s['wrong_label'])} | {_fmt(p['wrong_label'])} | "
                            f"{_fmt(p['on_task_wrong'])} | {_fmt(s['off_task'])} | "
                            f"{_fmt(s['duplicate'])} | {_fmt(s['unique_correct'])} | "
                            f"{_fmt(s['letter_tv'])} |")
         out.append("")
+    out += proxy_tables(args, rows)
     return "\n".join(out)
+
+
+def proxy_tables(args, rows: dict) -> list[str]:
+    """The trained-proxy layer (``Bench.proxy``): selection quality and label separation."""
+    out = []
+    for key in sorted(k for k in rows if k.startswith("proxy-sep|")):
+        _, task, gen = key.split("|")
+        sep = rows[key]
+        out += [f"## Trained proxy: could round 2 tell right labels from wrong? ({task}, {gen} "
+                "generator, ratio 0.1)", "",
+                "The same pool as the selection-quality layer, featurized with the model trained "
+                f"on the clean oracle's selection as proxy (test accuracy "
+                f"{_fmt(sep['proxy_accuracy'])}; base model as proxy: the quality layer). "
+                "AUC = probability that a right-label on-task candidate scores above a "
+                f"wrong-label one ({sep['n_on_task']} on-task candidates, "
+                f"{_fmt(sep['wrong_on_task'])} wrong; 0.5 = blind to labels):", "",
+                "| score | AUC right over wrong |", "|---|---:|",
+                f"| attribution (centred cosine to the mean target) | "
+                f"{_fmt(sep['auc_attribution'])} |",
+                f"| EvoSelect OT mass (first block) | {_fmt(sep['auc_ot_mass'])} |",
+                f"| proxy's loss on the candidate (lower = right; no selector uses it) | "
+                f"{_fmt(sep['auc_neg_loss'])} |", "",
+                "| method | proxy | off-task | duplicate | wrong-label | unique-correct | "
+                "letter TV |", "|---|---|---:|---:|---:|---:|---:|"]
+        for method in SELECTORS:
+            for proxy, k in (("base", f"quality|{task}|{gen}|0.1|{method}"),
+                             ("trained", f"proxy|{task}|{gen}|0.1|{method}")):
+                if k in rows:
+                    r = rows[k]
+                    out.append(f"| {method} | {proxy} | {_fmt(r['off_task'])} | "
+                               f"{_fmt(r['duplicate'])} | {_fmt(r['wrong_label'])} | "
+                               f"{_fmt(r['unique_correct'])} | {_fmt(r['letter_tv'])} |")
+        p = rows.get(f"pool|{task}|{gen}", {})
+        out += [f"| *pool* | | {_fmt(p.get('off_task'))} | – | {_fmt(p.get('wrong_label'))} "
+                f"(on-task {_fmt(p.get('on_task_wrong'))}) | – | – |", ""]
+    return out
 
 
 def plots(args, rows: dict, folder: str) -> list[str]:
@@ -461,9 +570,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny-llama, small pools: minutes")
-    ap.add_argument("--layers", default="quality,evolution,downstream",
-                    help="comma-separated, run in this order: quality, downstream, evolution; "
-                         "report = rewrite the tables from the cache only")
+    ap.add_argument("--layers", default="quality,evolution,downstream,proxy",
+                    help="comma-separated, run in this order: quality, downstream, evolution, "
+                         "proxy; report = rewrite the tables from the cache only")
     ap.add_argument("--model", help="base model (default smollm2-135m; quick: tiny-llama)")
     ap.add_argument("--pool-size", type=int, help="candidates per pool (default 2000)")
     ap.add_argument("--dim", type=int, help="feature dimension (default 1024)")
@@ -478,6 +587,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"layers, comma-separated or 'all' ({', '.join(SELECTORS + ORACLES)})")
     ap.add_argument("--seeds", help="downstream seeds (default 0,1,2; quick: 0,1)")
     ap.add_argument("--evolution-task", default="lookup")
+    ap.add_argument("--evolution-generator", default="weak", choices=GENERATORS)
     ap.add_argument("--evolution-pool-size", type=int, help="candidates a round (default: "
                     "--pool-size)")
     ap.add_argument("--baseline", choices=SELECTORS[:-1],
@@ -526,9 +636,9 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
     bench = Bench(args)
     t0 = time.perf_counter()
-    for layer in _list(args.layers, ("quality", "downstream", "evolution")):
-        if layer not in ("quality", "downstream", "evolution", "report"):
-            ap.error(f"--layers: unknown layer {layer!r} (quality, downstream, evolution, "
+    for layer in _list(args.layers, LAYERS):
+        if layer not in LAYERS + ("report",):
+            ap.error(f"--layers: unknown layer {layer!r} ({', '.join(LAYERS)}, "
                      "report = only rewrite the tables from the cache)")
         if layer != "report":
             getattr(bench, layer)()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import collections
 
-__all__ = ["selection_quality", "pool_rates", "letter_tv"]
+__all__ = ["selection_quality", "pool_rates", "letter_tv", "separation_auc"]
 
 
 def _meta(rec: dict) -> dict:
@@ -94,3 +94,17 @@ def pool_rates(pool: list[dict], task: str) -> dict:
     return {"n": n, "wrong_label": wrong / n, "on_task_wrong": 1 - share_right,
             "off_task": off / n, "near_duplicate_kind": dup_kind / n,
             "unique_correct_on_task": share_right}
+
+
+def separation_auc(pos, neg) -> float:
+    """How well a score ranks ``pos`` (e.g. right-label candidates) above ``neg`` (wrong-label
+    ones): the probability that a random positive scores higher than a random negative, ties
+    counted half (the Mann-Whitney U over ``len(pos) * len(neg)``; 0.5 = blind, 1 = perfect)."""
+    import numpy as np
+    from scipy.stats import rankdata
+
+    pos, neg = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
+    if not len(pos) or not len(neg):
+        raise ValueError("separation_auc needs at least one positive and one negative score")
+    r = rankdata(np.concatenate([pos, neg]))
+    return float((r[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))

@@ -1,9 +1,10 @@
 """Selection-quality scores against hand-computed values (evoray.tasks.score)."""
 
+import numpy as np
 import pytest
 
 from evoray.tasks import make_splits, simulate_pool
-from evoray.tasks.score import letter_tv, pool_rates, selection_quality
+from evoray.tasks.score import letter_tv, pool_rates, selection_quality, separation_auc
 
 
 def _rec(i, task, qkey, response, correct, kind="clean"):
@@ -60,3 +61,15 @@ def test_pool_rates_on_the_weak_preset():
 def test_records_without_ground_truth_are_refused():
     with pytest.raises(ValueError, match="no generator ground truth"):
         selection_quality([{"id": "x", "response": "A", "meta": {}}], TARGETS, "t")
+
+
+def test_separation_auc_against_pair_counting():
+    # every (pos, neg) pair by hand: 3>1, 3>2, 2>1 win, 2=2 ties: 3.5 of 4
+    assert separation_auc([3, 2], [1, 2]) == 0.875
+    rng = np.random.default_rng(0)
+    pos, neg = rng.integers(0, 5, 40), rng.integers(0, 5, 30)  # many ties
+    pairs = [(p > n) + 0.5 * (p == n) for p in pos for n in neg]
+    assert separation_auc(pos, neg) == pytest.approx(np.mean(pairs), abs=1e-12)
+    assert separation_auc(neg, pos) == pytest.approx(1 - np.mean(pairs), abs=1e-12)
+    with pytest.raises(ValueError, match="at least one"):
+        separation_auc([], [1.0])
