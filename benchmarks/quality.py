@@ -27,7 +27,11 @@ stopped run resumes where it was; ``--force`` recomputes. The tables go to ``--o
 * **Evolution**: ``evoray.evolve`` for 2 rounds with EvoSelect and with the baseline that has
   the highest unique-correct share in the quality layer (weak generator, ratio 0.1); per round,
   the selection's wrong-label share against the pool's base rates. Round 2's proxy is the
-  round-1 model.
+  round-1 model. ``--evolution-generator strong`` runs it on the strong generator's pools.
+* **Trained proxy** (``proxy``): the evolution layer's premise without round 1. The weak lookup
+  pool is featurized again with a proxy that learned the task (the model trained on the clean
+  oracle's picks), every selector and two EvoSelect ablations (``PROXY_ABLATIONS``) pick at
+  ratio 0.1, and the AUC of right over wrong labels is given for the selectors' scores.
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ SELECTORS = ("random", "attribution", "diversity", "attr_div", "tsds", "evoselec
 ORACLES = ("oracle_on_task", "oracle_clean")
 METHOD_PARAMS = {"tsds": {"replace": False}}
 RATIOS = (0.05, 0.1, 0.2)
+# EvoSelect with one setting changed, in the trained-proxy layer only: which part of it costs
+# picks once the proxy can rank labels (the diversity term; the residual novelty).
+PROXY_ABLATIONS = {"evoselect lam=0": {"lam": 0.0}, "evoselect novelty_pcs=0": {"novelty_pcs": 0}}
 LAYERS = ("quality", "downstream", "evolution", "proxy")
 GENERATORS = ("weak", "strong")
 TASKS = ("lookup", "arithmetic")
@@ -165,7 +172,8 @@ class Bench:
 
     # -- selection -----------------------------------------------------------------------------
 
-    def pick(self, method: str, ratio: float, seed: int, f: dict, task: str):
+    def pick(self, method: str, ratio: float, seed: int, f: dict, task: str,
+             params: dict | None = None):
         """Rows of ``f["records"]`` picked by ``method`` and how often each was drawn."""
         from evoray.config import SelectConfig
         from evoray.select.api import budget
@@ -183,7 +191,7 @@ class Bench:
             rng = np.random.default_rng(seed)
             return rng.choice(rows, size=min(k, len(rows)), replace=False), None
         cfg = SelectConfig(method=method, ratio=ratio, seed=seed,
-                           params=METHOD_PARAMS.get(method, {}))
+                           params={**METHOD_PARAMS.get(method, {}), **(params or {})})
         _, sel = select_features(cfg, f["pool"], f["targets"])
         return sel.indices, sel.explain["count"].tolist()
 
@@ -307,7 +315,7 @@ class Bench:
         outside every selector, the proxy's own loss on the candidate (lower = right)."""
         task, gen = self.a.evolution_task, "weak"
         data = self.task(task, gen)
-        for method in SELECTORS:
+        for method in SELECTORS + tuple(PROXY_ABLATIONS):
             self.cells.get(f"proxy|{task}|{gen}|0.1|{method}", self._proxy_cell, data, task,
                            method)
         self.cells.get(f"proxy-sep|{task}|{gen}", self._proxy_separation, data, task)
@@ -333,7 +341,10 @@ class Bench:
         from evoray.tasks.score import selection_quality
 
         f = self.proxy_features(data, task)
-        rows, counts = self.pick(method, 0.1, 0, f, task)
+        if method in PROXY_ABLATIONS:
+            rows, counts = self.pick("evoselect", 0.1, 0, f, task, PROXY_ABLATIONS[method])
+        else:
+            rows, counts = self.pick(method, 0.1, 0, f, task)
         return {**selection_quality([f["records"][i] for i in rows], data["target_records"],
                                     task, counts), "proxy_accuracy": f["proxy"]["accuracy"]}
 
@@ -501,7 +512,7 @@ def proxy_tables(args, rows: dict) -> list[str]:
                 f"{_fmt(sep['auc_neg_loss'])} |", "",
                 "| method | proxy | off-task | duplicate | wrong-label | unique-correct | "
                 "letter TV |", "|---|---|---:|---:|---:|---:|---:|"]
-        for method in SELECTORS:
+        for method in SELECTORS + tuple(PROXY_ABLATIONS):
             for proxy, k in (("base", f"quality|{task}|{gen}|0.1|{method}"),
                              ("trained", f"proxy|{task}|{gen}|0.1|{method}")):
                 if k in rows:
