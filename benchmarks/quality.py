@@ -300,7 +300,6 @@ class Bench:
         return {"method": method, "base_accuracy": (res["base"] or {}).get("accuracy"),
                 "rounds": rounds}
 
-
     # -- trained proxy -------------------------------------------------------------------------
 
     def proxy(self) -> None:
