@@ -349,14 +349,14 @@ class Bench:
 
     def _proxy_separation(self, data: dict, task: str) -> dict:
         from evoray.config import SelectConfig
+        from evoray.select.baselines import attribution_scores
         from evoray.select.io import select_features
         from evoray.tasks.score import separation_auc as auc
 
         f = self.proxy_features(data, task)
         G, V = f["pool"].X.astype(np.float64), f["targets"].X.astype(np.float64)
-        mu = G.mean(axis=0)
-        v = _unit(V - mu).mean(axis=0)
-        attribution = _unit(G - mu) @ v
+        mu = G.mean(axis=0)  # centred as EvoSelect centres
+        attribution = attribution_scores(G - mu, V - mu)
         _, sel = select_features(SelectConfig(method="evoselect", ratio=0.1, seed=0),
                                  f["pool"], f["targets"])
         on = np.array([r["meta"]["task"] == task for r in f["records"]])
@@ -366,10 +366,6 @@ class Bench:
         return {"n_on_task": int(on.sum()), "wrong_on_task": float(1 - right[on].mean()),
                 "proxy_accuracy": f["proxy"]["accuracy"],
                 **{f"auc_{n}": auc(s[on & right], s[on & ~right]) for n, s in scores.items()}}
-
-
-def _unit(X: np.ndarray) -> np.ndarray:
-    return X / np.linalg.norm(X, axis=1, keepdims=True)
 
 
 # -- report ------------------------------------------------------------------------------------

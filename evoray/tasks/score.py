@@ -100,11 +100,8 @@ def separation_auc(pos, neg) -> float:
     """How well a score ranks ``pos`` (e.g. right-label candidates) above ``neg`` (wrong-label
     ones): the probability that a random positive scores higher than a random negative, ties
     counted half (the Mann-Whitney U over ``len(pos) * len(neg)``; 0.5 = blind, 1 = perfect)."""
-    import numpy as np
-    from scipy.stats import rankdata
+    from scipy.stats import mannwhitneyu
 
-    pos, neg = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
     if not len(pos) or not len(neg):
         raise ValueError("separation_auc needs at least one positive and one negative score")
-    r = rankdata(np.concatenate([pos, neg]))
-    return float((r[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+    return float(mannwhitneyu(pos, neg).statistic / (len(pos) * len(neg)))
