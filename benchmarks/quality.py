@@ -192,6 +192,9 @@ class Bench:
             return rng.choice(rows, size=min(k, len(rows)), replace=False), None
         cfg = SelectConfig(method=method, ratio=ratio, seed=seed,
                            params={**METHOD_PARAMS.get(method, {}), **(params or {})})
+        # No content keys: the seeded selectors draw over the rows in pool-file order (the cells
+        # were made so); `evoray select --pool` draws over content order: another sample of the
+        # same distribution.
         _, sel = select_features(cfg, f["pool"], f["targets"])
         return sel.indices, sel.explain["count"].tolist()
 

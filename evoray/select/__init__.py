@@ -10,7 +10,7 @@ except ImportError as e:
                       "extras `cpu` (faiss-cpu) or `gpu` (faiss-gpu), e.g. "
                       "pip install -e '.[cpu]'") from e
 
-from evoray.select.api import METHODS, budget, select  # noqa: E402
+from evoray.select.api import DRAWS, METHODS, budget, select  # noqa: E402
 from evoray.select.baselines import attr_div, attribution, attribution_scores, diversity, random
 from evoray.select.evoselect import evoselect
 from evoray.select.ot import SemiRelaxedOT, lava_gradient
@@ -18,7 +18,7 @@ from evoray.select.selection import Selection, nearest_targets
 from evoray.select.tsds import tsds, tsds_probabilities
 
 __all__ = [
-    "METHODS", "Selection", "SemiRelaxedOT", "attr_div", "attribution", "attribution_scores",
-    "budget", "diversity", "evoselect", "lava_gradient", "nearest_targets", "random", "select",
-    "tsds", "tsds_probabilities",
+    "DRAWS", "METHODS", "Selection", "SemiRelaxedOT", "attr_div", "attribution",
+    "attribution_scores", "budget", "diversity", "evoselect", "lava_gradient", "nearest_targets",
+    "random", "select", "tsds", "tsds_probabilities",
 ]

@@ -16,12 +16,16 @@ from evoray.select.geometry import blocks
 from evoray.select.selection import Selection, nearest_targets
 from evoray.select.tsds import tsds
 
-__all__ = ["METHODS", "budget", "select"]
+__all__ = ["DRAWS", "METHODS", "budget", "select"]
 
 log = logging.getLogger(__name__)
 
 METHODS = {"evoselect": evoselect, "random": random, "attribution": attribution,
            "diversity": diversity, "attr_div": attr_div, "tsds": tsds}
+# The methods whose picks come from a seeded draw over rows (a sample, k-means' initial
+# centroids, TSDS's multinomial): with ``keys`` they see the rows sorted by key. attribution and
+# evoselect score each row by its own features, so the order of the rows does not change them.
+DRAWS = ("random", "diversity", "attr_div", "tsds")
 
 
 def budget(n: int, *, k: int | None = None, ratio: float | None = None) -> int:
@@ -61,7 +65,7 @@ def _check_rows(X: np.ndarray, what: str, ids) -> np.ndarray:
 
 
 def select(G: np.ndarray, V: np.ndarray, k: int, *, method: str = "evoselect", seed: int = 0,
-           ids=None, target_ids=None, **params) -> Selection:
+           ids=None, target_ids=None, keys=None, **params) -> Selection:
     """Select k of the N candidates ``G`` for the targets ``V`` with one of :data:`METHODS`.
 
     Args:
@@ -71,6 +75,11 @@ def select(G: np.ndarray, V: np.ndarray, k: int, *, method: str = "evoselect", s
         method: ``evoselect``, ``random``, ``attribution``, ``diversity``, ``attr_div``, ``tsds``.
         seed: makes every method deterministic.
         ids, target_ids: optional (N,) and (M,) ids, used in error messages only.
+        keys: optional (N,) sortable content keys of the candidates (e.g.
+            :func:`evoray.select.io.content_keys`, a hash of each record's prompt and response).
+            The methods in :data:`DRAWS` then draw over the rows sorted by key (ties in the given
+            order), so the same pool in another order gives the same selected records. Without
+            keys they draw over the rows as given.
         **params: the method's own parameters (see each function; e.g. ``lam``, ``subtasks``).
 
     Returns:
@@ -112,7 +121,15 @@ def select(G: np.ndarray, V: np.ndarray, k: int, *, method: str = "evoselect", s
         raise SelectError("every target feature has zero norm; the target set is empty")
     rows_g = np.flatnonzero(keep_g)
     rows_v = np.flatnonzero(keep_v)
-    Gk = G if dropped["candidates"] == 0 else G[rows_g]
+    if keys is not None:
+        keys = np.asarray(keys)
+        if keys.shape != (len(G),):
+            raise SelectError(f"keys must hold one entry per candidate row ({len(G)}), got "
+                              f"shape {keys.shape}")
+        if method in DRAWS:
+            rows_g = rows_g[np.argsort(keys[rows_g], kind="stable")]
+    as_given = len(rows_g) == len(G) and bool((rows_g == np.arange(len(G))).all())
+    Gk = G if as_given else G[rows_g]
     Vk = V if dropped["targets"] == 0 else V[rows_v]
     if "subtasks" in params and params["subtasks"] is not None:
         params["subtasks"] = np.asarray(params["subtasks"])[rows_v]
@@ -128,7 +145,7 @@ def select(G: np.ndarray, V: np.ndarray, k: int, *, method: str = "evoselect", s
     sel.indices = rows_g[sel.indices]
     sel.explain["nearest_targets"] = rows_v[near]
     sel.explain["nearest_cos"] = cos
-    if dropped["candidates"]:
+    if not as_given:
         for name, col in sel.scores.items():
             full = np.full(len(G), np.nan if col.dtype.kind == "f" else -1, col.dtype)
             full[rows_g] = col

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -22,8 +23,8 @@ from evoray.data.records import validate_records
 from evoray.errors import RecordError, SelectError
 from evoray.select.selection import Selection
 
-__all__ = ["selection_table", "write_selection", "join_pool", "pool_records", "select_features",
-           "select_files", "write_scores"]
+__all__ = ["selection_table", "write_selection", "join_pool", "pool_records", "content_keys",
+           "select_features", "select_files", "write_scores"]
 
 log = logging.getLogger(__name__)
 
@@ -80,30 +81,61 @@ def write_selection(out: str, sel: Selection, ids: np.ndarray, target_ids: np.nd
     return summary
 
 
-def _pool_rows(path: str, wanted: set[str]) -> tuple[dict[str, dict], set[str]]:
-    """The pool records whose id is in ``wanted``, and the set of every pool id."""
+def _content_key(rec: dict) -> int:
+    """A 64-bit hash of a record's content (prompt and response; never its id or meta)."""
+    body = json.dumps([rec.get("prompt"), rec.get("response")], ensure_ascii=False, default=str)
+    return int.from_bytes(hashlib.blake2b(body.encode(), digest_size=8).digest(), "big")
+
+
+def _pool_rows(path: str, wanted: set[str]) -> tuple[dict[str, dict], dict[str, int]]:
+    """The pool records whose id is in ``wanted``, and the content key of every pool id."""
     fmt = detect_format(path)
     found: dict[str, dict] = {}
+    keys: dict[str, int] = {}
     if fmt == "jsonl":
-        all_ids = set()
         for rec in _parse_jsonl(path, _read_bytes(path))[0]:
-            rid = str(rec.get("id")) if isinstance(rec, dict) else None
-            all_ids.add(rid)
+            if not isinstance(rec, dict):
+                continue  # a line that is not an object has no id: it cannot be selected
+            rid = str(rec.get("id"))
+            keys[rid] = _content_key(rec)
             if rid in wanted:
                 found[rid] = rec
-        return found, all_ids
+        return found, keys
     table = pq.read_table(path)
     if "id" not in table.column_names:
         raise RecordError(path, "missing column", field="id")
     id_col = pc.cast(table["id"], pa.string())
-    all_ids = set(id_col.to_pylist())
+    content = table.select([c for c in ("prompt", "response") if c in table.column_names])
+    for rid, body in zip(id_col.to_pylist(), content.to_pylist(), strict=True):
+        keys[rid] = _content_key(body)
     keep = table.filter(pc.is_in(id_col, value_set=pa.array(sorted(wanted), pa.string())))
     for rec in keep.to_pylist():
         if isinstance(rec.get("meta"), str):
             rec["meta"] = json.loads(rec["meta"])
         rec = {key: value for key, value in rec.items() if value is not None}
         found[str(rec["id"])] = rec
-    return found, all_ids
+    return found, keys
+
+
+def _check_ids(pool: str, ids: np.ndarray, pool_ids) -> None:
+    missing = [i for i in map(str, ids) if i not in pool_ids]
+    if missing:
+        raise SelectError(f"{pool}: {len(missing)} feature ids are not in the pool (first: "
+                          f"{', '.join(repr(m) for m in missing[:3])}); features and pool must "
+                          "come from the same candidates")
+
+
+def content_keys(pool: str, ids: np.ndarray) -> np.ndarray:
+    """(N,) uint64 content keys (a hash of prompt and response) of the pool records with the
+    feature ids ``ids``, for :func:`evoray.select.select`'s ``keys``: with them a seeded selector
+    picks the same records whatever the order of the pool, its ids and its meta.
+
+    Raises:
+        SelectError: when feature ids are missing from the pool (names the first few).
+    """
+    _, keys = _pool_rows(pool, set())
+    _check_ids(pool, ids, keys)
+    return np.array([keys[str(i)] for i in ids], np.uint64)
 
 
 def pool_records(pool: str, sel: Selection, ids: np.ndarray) -> list[dict]:
@@ -115,11 +147,7 @@ def pool_records(pool: str, sel: Selection, ids: np.ndarray) -> list[dict]:
     """
     chosen = [str(x) for x in np.asarray(ids)[sel.indices]]
     found, all_ids = _pool_rows(pool, set(chosen))
-    missing = [i for i in map(str, ids) if i not in all_ids]
-    if missing:
-        raise SelectError(f"{pool}: {len(missing)} feature ids are not in the pool (first: "
-                          f"{', '.join(repr(m) for m in missing[:3])}); features and pool must "
-                          "come from the same candidates")
+    _check_ids(pool, ids, all_ids)
     extra = len(all_ids) - len(ids)
     if extra > 0:
         log.warning("%d pool records have no features and could not be selected", extra)
@@ -149,9 +177,10 @@ def write_scores(out: str, sel: Selection, ids: np.ndarray) -> None:
     atomic_write_bytes(f"{out}/scores.parquet", buf.getvalue())
 
 
-def select_features(cfg, feats, tfeats) -> tuple[int, Selection]:
+def select_features(cfg, feats, tfeats, keys=None) -> tuple[int, Selection]:
     """Select with ``cfg`` (a :class:`evoray.config.SelectConfig`) among the candidate
-    :class:`evoray.data.features.Features` ``feats`` for the targets ``tfeats``.
+    :class:`evoray.data.features.Features` ``feats`` for the targets ``tfeats``; ``keys`` are the
+    candidates' content keys (:func:`content_keys`), or None to draw over the rows as given.
 
     Returns:
         ``(k, selection)``: the budget and the :class:`Selection` (rows of ``feats``).
@@ -163,14 +192,18 @@ def select_features(cfg, feats, tfeats) -> tuple[int, Selection]:
         params = {"lam": cfg.lam, "blocks": cfg.blocks, "eps": cfg.eps, "tau": cfg.tau, **params}
     k = budget(len(feats), k=cfg.k, ratio=cfg.ratio)
     return k, select(feats.X, tfeats.X, k, method=cfg.method, seed=cfg.seed, ids=feats.ids,
-                     target_ids=tfeats.ids, **params)
+                     target_ids=tfeats.ids, keys=keys, **params)
 
 
 def select_files(cfg, features: str, targets: str, out: str, *, pool: str | None = None,
                  dtype: str | None = None, extra: dict | None = None):
     """Read features, select with ``cfg`` (a :class:`evoray.config.SelectConfig`) and write the
     selection folder ``out`` (``selected.parquet``, ``summary.json``, ``scores.parquet`` and,
-    with ``pool``, ``selected.jsonl``). Returns ``(summary, selection, candidate features)``."""
+    with ``pool``, ``selected.jsonl``). Returns ``(summary, selection, candidate features)``.
+
+    With ``pool``, the seeded selectors draw over the candidates in the order of their content
+    (:func:`content_keys`), so the selected records depend on the pool's content only, never on
+    its order, ids or meta. Without it they draw over the rows of the feature files."""
     import time
 
     from evoray.data.features import read_features
@@ -178,8 +211,9 @@ def select_files(cfg, features: str, targets: str, out: str, *, pool: str | None
     t0 = time.perf_counter()
     feats = read_features(features, dtype=dtype)
     tfeats = read_features(targets, dtype=dtype)
+    keys = content_keys(pool, feats.ids) if pool else None
     read_s = time.perf_counter() - t0
-    k, sel = select_features(cfg, feats, tfeats)
+    k, sel = select_features(cfg, feats, tfeats, keys)
     # Every input is read and checked before the first write; summary.json is written last, so
     # a folder without it is an unfinished one.
     records = pool_records(pool, sel, feats.ids) if pool else None

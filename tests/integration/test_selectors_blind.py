@@ -1,6 +1,8 @@
 """Selectors never read ``meta``: scrambling it, renaming ids and shuffling the pool's order give
 the same selected records, compared by content (prompt, response), through the real pipeline
-(features stage on Ray Data, then ``select_files`` joining the pool)."""
+(features stage on Ray Data, then ``select_files`` joining the pool). The seeded selectors (a
+sample, k-means' initial centroids, TSDS's multinomial) draw over the candidates in the order of
+their content, so they must survive the shuffle as well."""
 
 import hashlib
 import random
@@ -16,11 +18,6 @@ from evoray.tasks import write_task
 pytestmark = pytest.mark.timeout(400)
 
 SELECTORS = ("random", "attribution", "diversity", "attr_div", "tsds", "evoselect")
-# A seeded draw (random, TSDS's multinomial, k-means' initial centroids) is made over pool
-# positions, so for these the shuffle is left out: the same seed over another order is another
-# draw, not a sign of reading meta. attribution and evoselect score every candidate by its own
-# features, so their picks must survive the shuffle as well.
-ORDER_FREE = ("attribution", "evoselect")
 
 
 def _content(path):
@@ -60,7 +57,7 @@ def test_selection_ignores_meta_ids_and_order(variants, method):
     root, files = variants
     cfg = SelectConfig(method=method, ratio=0.2, seed=3)
     picked = {}
-    names = ("original", "renamed") + (("shuffled",) if method in ORDER_FREE else ())
+    names = ("original", "renamed", "shuffled")
     for name in names:
         pool, feats = files[name]
         out = str(root / f"sel-{method}-{name}")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from evoray.errors import SelectError
-from evoray.select import METHODS, attribution_scores, budget, select, tsds_probabilities
+from evoray.select import DRAWS, METHODS, attribution_scores, budget, select, tsds_probabilities
 from evoray.select.evoselect import Greedy
 from evoray.select.geometry import unit
 
@@ -67,6 +67,26 @@ def test_random_seed_changes_the_sample(data):
     G, V, _ = data
     assert set(select(G, V, 50, method="random", seed=0).indices) != \
         set(select(G, V, 50, method="random", seed=1).indices)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_content_keys_make_every_method_order_free(method, data):
+    """Shuffled rows with their keys pick the same candidates (mapped back, in the same rank
+    order, with the same per-candidate scores); without keys a seeded draw is another draw."""
+    G, V, _ = data
+    keys = np.random.default_rng(5).integers(0, 2**63, len(G)).astype(np.uint64)
+    perm = np.random.default_rng(6).permutation(len(G))
+    a = select(G, V, 100, method=method, seed=3, keys=keys)
+    b = select(G[perm], V, 100, method=method, seed=3, keys=keys[perm])
+    np.testing.assert_array_equal(perm[b.indices], a.indices)
+    for name, col in a.scores.items():
+        np.testing.assert_allclose(b.scores[name], col[perm], rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+    plain = select(G[perm], V, 100, method=method, seed=3)
+    same = set(perm[plain.indices]) == set(a.indices)
+    assert same == (method not in DRAWS)  # the keys are what make the draws order-free
+    with pytest.raises(SelectError, match="one entry per candidate row"):
+        select(G, V, 10, method=method, keys=keys[:5])
 
 
 def test_nearest_targets_are_the_most_similar(data):

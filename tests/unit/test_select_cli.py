@@ -91,3 +91,25 @@ def test_select_dim_mismatch(files, capsys):
     write_features(str(files / "T"), ["t0"], np.ones((1, 8), np.float32))
     assert run(files, "--k", "5") == 2
     assert "dim 16 but target features have dim 8" in capsys.readouterr().err
+
+
+def test_content_keys_read_prompt_and_response_only(files):
+    """The same content under other ids and meta, in jsonl or parquet, keys the same; another
+    response keys differently; a feature id missing from the pool is named."""
+    import pyarrow as pa
+
+    from evoray.errors import SelectError
+    from evoray.select.io import content_keys
+
+    recs = [json.loads(x) for x in (files / "pool.jsonl").read_text().splitlines()]
+    ids = [r["id"] for r in recs[:-1]]
+    want = content_keys(str(files / "pool.jsonl"), ids)
+    assert want.dtype == np.uint64 and len(set(want.tolist())) == len(ids)
+    other = [{**r, "id": "x" + r["id"], "meta": {"kind": "noise", "i": n}}
+             for n, r in enumerate(recs)]
+    other[3]["response"] = "B"
+    pq.write_table(pa.Table.from_pylist(other[::-1]), files / "other.parquet")
+    got = content_keys(str(files / "other.parquet"), ["x" + i for i in ids])
+    assert (got == want).sum() == len(ids) - 1 and got[3] != want[3]
+    with pytest.raises(SelectError, match="1 feature ids are not in the pool"):
+        content_keys(str(files / "pool.jsonl"), ids + ["nope"])
