@@ -141,11 +141,13 @@ class Bench:
                 "pool_records": read_records(paths["clean"], "candidate"),
                 "target_records": read_records(paths["targets"], "target")}
 
-    def features(self, data: dict):
-        """Features of pool and targets (computed once; reused from disk on a rerun)."""
-        if data["folder"] not in self._features:
-            self._features[data["folder"]] = self._featurize(data)
-        return self._features[data["folder"]]
+    def features(self, data: dict, adapter: str | None = None, tag: str = ""):
+        """Features of pool and targets with the base model, or ``adapter``, as proxy (computed
+        once; reused from disk on a rerun)."""
+        key = data["folder"] + tag
+        if key not in self._features:
+            self._features[key] = self._featurize(data, adapter, tag)
+        return self._features[key]
 
     def _featurize(self, data: dict, adapter: str | None = None, tag: str = ""):
         from evoray.config import FeaturesConfig
@@ -323,21 +325,16 @@ class Bench:
         self.cells.get(f"proxy-sep|{task}|{gen}", self._proxy_separation, data, task)
 
     def proxy_features(self, data: dict, task: str) -> dict:
-        key = data["folder"] + "|proxy"
-        if key in self._features:
-            return self._features[key]
         folder = os.path.join(self.a.work, "proxy", os.path.basename(data["folder"]))
-        rows, _ = self.pick("oracle_clean", 0.1, 0, {"records": data["pool_records"]}, task)
-        adapter = f"{folder}/adapter"
         if not os.path.exists(f"{folder}/proxy.json"):  # written last
+            rows, _ = self.pick("oracle_clean", 0.1, 0, {"records": data["pool_records"]}, task)
             m = self.train_eval([data["pool_records"][i] for i in rows], folder, 0, data["test"])
             with open(f"{folder}/proxy.json", "w") as f:
                 json.dump(m, f)
         with open(f"{folder}/proxy.json") as f:
             trained = json.load(f)
-        self._features[key] = {**self._featurize(data, adapter, "-oracle-clean-proxy"),
-                               "proxy": trained}
-        return self._features[key]
+        return {**self.features(data, f"{folder}/adapter", "-oracle-clean-proxy"),
+                "proxy": trained}
 
     def _proxy_cell(self, data: dict, task: str, method: str) -> dict:
         from evoray.tasks.score import selection_quality
