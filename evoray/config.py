@@ -291,9 +291,13 @@ class EvolveConfig(_Stage):
     eval_actors: int = _f(0, "test evaluation: 0 = in the driver; N = a Ray Data stage of N "
                           "actors (use it when the driver has no GPU, e.g. a CPU head node)")
     eval_gpus: float = _f(0.0, "GPUs per evaluation actor (the actor then scores on CUDA)")
+    test_size: int | None = _f(None, "score the base model and each round on the first "
+                               "test_size test items; null = all")
 
     def _check(self) -> None:
         self._require(self.rounds > 0, "rounds", "must be positive")
+        self._require(self.test_size is None or self.test_size > 0, "test_size",
+                      "must be positive")
         self._require(self.eval_actors >= 0, "eval_actors", "must be >= 0")
         self._require(self.eval_gpus >= 0, "eval_gpus", "must be >= 0")
 

@@ -309,7 +309,7 @@ class _Loop:
         ev = cfg.evolve
         self.eval_kw = {"max_length": cfg.train.max_length, "cache_dir": cfg.cache_dir,
                         "num_actors": ev.eval_actors, "num_gpus": ev.eval_gpus,
-                        "device": "cuda" if ev.eval_gpus > 0 else "cpu"}
+                        "device": "cuda" if ev.eval_gpus > 0 else "cpu", "limit": ev.test_size}
 
     def stage(self, key: str, inputs, outputs: list[str], fn) -> tuple[str, dict]:
         """Run ``fn() -> stats`` unless the manifest holds ``key`` with these inputs; return
@@ -546,6 +546,8 @@ def evolve(cfg: Config, *, resume: bool = False, say=print, progress: bool = Tru
     files["target_records"] = read_records(files["targets"], "target")
     files["targets_hash"] = _file_digest(files["targets"])
     files["test_hash"] = _file_digest(files["test"])
+    if cfg.evolve.test_size and files["test"]:  # scoring fewer items is another evaluation
+        files["test_hash"] = _digest(files["test_hash"], cfg.evolve.test_size)
     eval_prompts = {normal_text(r["prompt"]) for r in files["target_records"]}
     for name in ("dev", "test"):
         if files[name]:

@@ -12,11 +12,13 @@ rejected (a typo such as ``reponse`` would otherwise be lost silently).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 from evoray.errors import RecordError, did_you_mean
 
-__all__ = ["KINDS", "Field", "validate_record", "validate_records"]
+__all__ = ["KINDS", "Field", "content_key", "validate_record", "validate_records"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,16 @@ class Field:
     types: tuple[type, ...]
     required: bool = True
     nonempty: bool = False  # strings that must hold more than whitespace
+
+
+def content_key(prompt, response) -> int:
+    """A 64-bit hash of a record's content (its prompt and response; never its id or meta).
+
+    The features stage plans its batches by it and the seeded selectors draw in its order, so
+    that the same records give the same features and picks whatever their order in the file.
+    """
+    body = json.dumps([prompt, response], ensure_ascii=False, default=str)
+    return int.from_bytes(hashlib.blake2b(body.encode(), digest_size=8).digest(), "big")
 
 
 _ID = Field("id", (str, int), nonempty=True)

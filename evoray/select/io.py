@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -19,7 +18,7 @@ from evoray.data.io import (
     detect_format,
     write_records,
 )
-from evoray.data.records import validate_records
+from evoray.data.records import content_key, validate_records
 from evoray.errors import RecordError, SelectError
 from evoray.select.selection import Selection
 
@@ -81,12 +80,6 @@ def write_selection(out: str, sel: Selection, ids: np.ndarray, target_ids: np.nd
     return summary
 
 
-def _content_key(rec: dict) -> int:
-    """A 64-bit hash of a record's content (prompt and response; never its id or meta)."""
-    body = json.dumps([rec.get("prompt"), rec.get("response")], ensure_ascii=False, default=str)
-    return int.from_bytes(hashlib.blake2b(body.encode(), digest_size=8).digest(), "big")
-
-
 def _pool_rows(path: str, wanted: set[str]) -> tuple[dict[str, dict], dict[str, int]]:
     """The pool records whose id is in ``wanted``, and the content key of every pool id."""
     fmt = detect_format(path)
@@ -97,7 +90,7 @@ def _pool_rows(path: str, wanted: set[str]) -> tuple[dict[str, dict], dict[str, 
             if not isinstance(rec, dict):
                 continue  # a line that is not an object has no id: it cannot be selected
             rid = str(rec.get("id"))
-            keys[rid] = _content_key(rec)
+            keys[rid] = content_key(rec.get("prompt"), rec.get("response"))
             if rid in wanted:
                 found[rid] = rec
         return found, keys
@@ -107,7 +100,7 @@ def _pool_rows(path: str, wanted: set[str]) -> tuple[dict[str, dict], dict[str, 
     id_col = pc.cast(table["id"], pa.string())
     content = table.select([c for c in ("prompt", "response") if c in table.column_names])
     for rid, body in zip(id_col.to_pylist(), content.to_pylist(), strict=True):
-        keys[rid] = _content_key(body)
+        keys[rid] = content_key(body.get("prompt"), body.get("response"))
     keep = table.filter(pc.is_in(id_col, value_set=pa.array(sorted(wanted), pa.string())))
     for rec in keep.to_pylist():
         if isinstance(rec.get("meta"), str):

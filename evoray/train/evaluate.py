@@ -148,7 +148,8 @@ def _evaluate_on_ray(model_spec, adapter, items, *, batch_size, max_length, devi
 
 def evaluate(model_spec: str, adapter: str | None, test_path: str, *, batch_size: int = 16,
              max_length: int = 512, device: str = "cpu", cache_dir: str | None = None,
-             num_actors: int = 0, num_cpus: float = 1.0, num_gpus: float = 0.0) -> dict:
+             num_actors: int = 0, num_cpus: float = 1.0, num_gpus: float = 0.0,
+             limit: int | None = None) -> dict:
     """Accuracy and mean response loss of ``model_spec`` (+ ``adapter``) on an MCQ file.
 
     Args:
@@ -159,6 +160,7 @@ def evaluate(model_spec: str, adapter: str | None, test_path: str, *, batch_size
         num_actors: 0 = score in this process; N = a Ray Data stage of N actors (each with
             ``num_cpus``/``num_gpus``), for large test sets. Both give the same predictions; the
             losses agree to float rounding (batches are cut the same way inside an actor).
+        limit: score only the file's first ``limit`` items (None = all).
 
     Returns:
         See :func:`evaluate_model`.
@@ -169,7 +171,7 @@ def evaluate(model_spec: str, adapter: str | None, test_path: str, *, batch_size
     """
     from evoray.data import read_records
 
-    items = read_records(test_path, "mcq")
+    items = read_records(test_path, "mcq")[:limit]
     kw = {"batch_size": batch_size, "max_length": max_length, "device": device}
     if num_actors > 0:
         # a wrong model or adapter fails here, readably, before any actor starts

@@ -8,8 +8,8 @@ from evoray.train.evaluate import evaluate
 pytestmark = pytest.mark.timeout(300)
 
 
-def test_ray_data_evaluation_equals_in_process(quick_run, tmp_path):
-    run = quick_run["run_dir"]
+def test_ray_data_evaluation_equals_in_process(one_round, tmp_path):
+    run = one_round["run_dir"]
     items = read_records(f"{run}/task/test.jsonl", "mcq")[:45]
     test = str(tmp_path / "test.jsonl")
     write_records(items, test, "mcq")

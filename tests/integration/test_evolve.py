@@ -24,6 +24,36 @@ def _selected_ids(run_dir: str, r: int) -> list[str]:
     return table["id"].to_pylist()
 
 
+def test_one_round_evolve_end_to_end(one_round, tmp_path):
+    """The fast tier's evolve path: generate → clean → features → select → train → evaluate,
+    once, with the test set cut to ``evolve.test_size``."""
+    run, rd = one_round["run_dir"], f"{one_round['run_dir']}/round_01"
+    stages = Manifest(run).stages
+    assert {"task", "base/evaluate"} | {f"round_01/{s}" for s in STAGES} == set(stages)
+    clean = read_records(f"{rd}/clean.jsonl", "candidate")
+    picked = read_records(f"{rd}/selection/selected.jsonl", "candidate")
+    assert len(picked) == round(0.2 * len(clean)) > 0
+    assert {x["id"] for x in picked} <= {x["id"] for x in clean}
+    assert len(read_records(f"{run}/task/test.jsonl", "mcq")) == 500
+    with open(f"{rd}/metrics.json") as f:
+        m = json.load(f)
+    assert m["n_test"] == 100 == one_round["base"]["n_test"] and 0 <= m["accuracy"] <= 1
+    assert one_round["rounds"] == [m] and m["n_selected"] == len(picked)
+    with open(f"{rd}/adapter/adapter_config.json") as f:
+        assert json.load(f)["r"] > 0
+    # a larger test_size is another evaluation: base and round 1 are scored again, nothing else
+    shutil.copytree(run, tmp_path / "run")
+    cfg = demo_config(quick=True, **{"evolve.run_dir": str(tmp_path / "run"),
+                                     "evolve.rounds": 1, "evolve.test_size": 120})
+    lines = []
+    out = evolve(cfg, resume=True, say=lines.append)
+    ran = [line.split()[1].rstrip(":") for line in lines
+           if line.startswith(("[evolve] base/", "[evolve] round_")) and "done earlier" not in line]
+    assert ran == ["base/evaluate", "round_01/evaluate"]
+    assert out["base"]["n_test"] == out["rounds"][0]["n_test"] == 120
+
+
+@pytest.mark.slow
 def test_every_round_writes_its_outputs_and_the_table(quick_run):
     run = quick_run["run_dir"]
     manifest = Manifest(run)
@@ -61,6 +91,7 @@ def test_every_round_writes_its_outputs_and_the_table(quick_run):
     assert quick_run["lines"][-1].startswith("[demo] report:")
 
 
+@pytest.mark.slow
 def test_existing_run_is_refused_without_resume_and_skipped_with_it(quick_run):
     cfg = demo_config(quick=True, **{"evolve.run_dir": quick_run["run_dir"]})
     with pytest.raises(EvorayError, match="--resume"):
@@ -71,25 +102,31 @@ def test_existing_run_is_refused_without_resume_and_skipped_with_it(quick_run):
     assert out["rounds"] == quick_run["rounds"]
 
 
-def test_failure_after_round1_selection_then_resume_gives_the_same_run(quick_run, tmp_path,
+@pytest.mark.slow
+def test_failure_after_round2_selection_then_resume_gives_the_same_run(quick_run, quick_round_one,
                                                                          monkeypatch):
-    cfg = demo_config(quick=True, **{"evolve.run_dir": str(tmp_path / "run")})
-    monkeypatch.setenv(FAIL_ENV, "round_01/select")
-    with pytest.raises(EvorayError, match="injected failure after round_01/select"):
-        evolve(cfg, say=lambda _: None)
-    assert not (tmp_path / "run" / "round_01" / "adapter").exists()
+    """Round 1 comes from the reference run (``quick_round_one``, to keep the test short);
+    round 2 fails right after its selection is recorded, and ``--resume`` finishes it."""
+    run = str(quick_round_one)
+    cfg = demo_config(quick=True, **{"evolve.run_dir": run})
+    monkeypatch.setenv(FAIL_ENV, "round_02/select")
+    with pytest.raises(EvorayError, match="injected failure after round_02/select"):
+        evolve(cfg, resume=True, say=lambda _: None)
+    assert (quick_round_one / "round_02" / "selection" / "selected.parquet").exists()
+    assert not (quick_round_one / "round_02" / "adapter").exists()
     monkeypatch.delenv(FAIL_ENV)
     lines = []
     out = evolve(cfg, resume=True, say=lines.append)
-    assert "[evolve] round_01/select: done earlier, skipped" in lines
-    assert not any(line.startswith("[evolve] round_01/train: done earlier") for line in lines)
+    assert "[evolve] round_02/select: done earlier, skipped" in lines
+    assert not any(line.startswith("[evolve] round_02/train: done earlier") for line in lines)
     for r in (1, 2):
-        assert _selected_ids(str(tmp_path / "run"), r) == _selected_ids(quick_run["run_dir"], r)
+        assert _selected_ids(run, r) == _selected_ids(quick_run["run_dir"], r)
     for got, want in zip(out["rounds"], quick_run["rounds"], strict=True):
         assert abs(got["accuracy"] - want["accuracy"]) <= 1e-6
         assert abs(got["loss"] - want["loss"]) <= 1e-6
 
 
+@pytest.mark.slow
 def test_changed_setting_reruns_what_it_reaches_replay(quick_run, tmp_path):
     run = str(tmp_path / "run")
     shutil.copytree(quick_run["run_dir"], run)
@@ -111,6 +148,7 @@ def _png_size(path) -> tuple[int, int]:
     return struct.unpack(">II", head[16:24])
 
 
+@pytest.mark.slow
 def test_report_of_the_quick_run(quick_run):
     import re
     from pathlib import Path
@@ -130,6 +168,7 @@ def test_report_of_the_quick_run(quick_run):
     assert np.asarray(matplotlib.image.imread(report.parent / links[0])).size > 0
 
 
+@pytest.mark.slow
 def test_fixed_proxy_reuses_round1_proxy(quick_run, tmp_path):
     from evoray.data.features import read_features
 

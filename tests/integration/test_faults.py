@@ -157,6 +157,7 @@ def _temporaries(root) -> list[str]:
 
 # -- 1. a feature actor killed mid-featurize ------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_feature_actor_killed_after_its_first_batch_gives_identical_features(
         quick_run, ray_session, tmp_path, monkeypatch):
@@ -210,18 +211,13 @@ def _selected_ids(run: str, r: int) -> list[str]:
     return pq.read_table(f"{run}/round_{r:02d}/selection/selected.parquet")["id"].to_pylist()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_evolve_driver_killed_three_times_resumes_to_the_reference_run(quick_run, driver,
-                                                                       tmp_path):
-    """Round 1 comes from the reference run (its folder, and its manifest without round 2), to
-    keep the test short; round 2 is killed three times and resumed."""
-    ref, run = quick_run["run_dir"], tmp_path / "run"
-    shutil.copytree(ref, run, ignore=lambda d, names: [n for n in names if n in (
-        "round_02", "report.md", "plots")])
-    manifest = json.loads((run / "manifest.json").read_text())
-    manifest["stages"] = {k: v for k, v in manifest["stages"].items()
-                          if not k.startswith("round_02/")}
-    (run / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+def test_evolve_driver_killed_three_times_resumes_to_the_reference_run(
+        quick_run, quick_round_one, driver, tmp_path):
+    """Round 1 comes from the reference run (``quick_round_one``), to keep the test short;
+    round 2 is killed three times and resumed."""
+    ref, run = quick_run["run_dir"], quick_round_one
     config = tmp_path / "quick.yaml"
     config.write_text(dump_config(demo_config(quick=True, **{"evolve.run_dir": str(run)})))
     rd = run / "round_02"
@@ -285,6 +281,7 @@ def _attempts(root: Path) -> dict[str, list]:
             for p in (root / "trials").glob("*/attempts.json")}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_sweep_driver_killed_then_resumed_keeps_finished_trials(driver, tmp_path):
     root = tmp_path / "sweep"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 
 import numpy as np
 import pyarrow as pa
@@ -45,9 +46,44 @@ def test_bit_identical_for_one_or_two_actors(ray_session, pool, two_actors, tmp_
     assert np.array_equal(one.loss, two.loss) and np.array_equal(one.grad_norm, two.grad_norm)
 
 
-def test_batch_size_changes_features_within_1e6(ray_session, pool, tmp_path):
-    a, b = (read_features(featurize(pool, "tiny-llama", cfg=_cfg(batch_size=bs),
-                                    out=str(tmp_path / str(bs)))) for bs in (2, 7))
+def _by_content(pool_path, feats):
+    """``(prompt, response)`` → sorted feature-row bytes of the records with that content."""
+    content = {r["id"]: (r["prompt"], r["response"]) for r in read_records(pool_path, "candidate")}
+    out: dict = {}
+    for rid, x, loss in zip(feats.ids, feats.X, feats.loss, strict=True):
+        out.setdefault(content[rid], []).append(x.tobytes() + loss.tobytes())
+    return {k: sorted(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("actors", [1, 2])
+def test_shuffled_renamed_pool_gives_byte_identical_features(ray_session, pool, two_actors,
+                                                             tmp_path, actors):
+    """The pool (features from 2 actors) against a shuffled copy with other ids and meta, from
+    1 actor over many small Ray blocks, or from 2 actors: every record's feature row and loss
+    are the same bytes (records of identical content, which this pool holds, by content)."""
+    records = read_records(pool, "candidate")
+    disguised = [{**r, "id": f"r{n:03d}", "meta": {"n": n}} for n, r in enumerate(records)]
+    random.Random(actors).shuffle(disguised)
+    shuffled = str(tmp_path / "shuffled.jsonl")
+    write_records(disguised, shuffled, "candidate")
+    ctx = ray_session.data.DataContext.get_current()
+    block = ctx.target_max_block_size
+    if actors == 1:
+        ctx.target_max_block_size = 2048
+    try:
+        got = read_features(featurize(shuffled, "tiny-llama", cfg=_cfg(num_actors=actors),
+                                      out=str(tmp_path / "f")))
+    finally:
+        ctx.target_max_block_size = block
+    want = _by_content(pool, read_features(two_actors))
+    assert len(want) < len(records)  # a duplicate record
+    assert _by_content(shuffled, got) == want
+
+
+def test_batch_size_changes_features_within_1e6(ray_session, pool, two_actors, tmp_path):
+    a = read_features(featurize(pool, "tiny-llama", cfg=_cfg(batch_size=2),
+                                out=str(tmp_path / "2")))
+    b = read_features(two_actors)  # batch_size 7
     rel = np.linalg.norm(a.X - b.X, axis=1) / np.linalg.norm(b.X, axis=1)
     assert rel.max() < 1e-6
     assert not np.array_equal(a.X, np.zeros_like(a.X))

@@ -1,8 +1,10 @@
 """Selectors never read ``meta``: scrambling it, renaming ids and shuffling the pool's order give
 the same selected records, compared by content (prompt, response), through the real pipeline
-(features stage on Ray Data, then ``select_files`` joining the pool). The seeded selectors (a
-sample, k-means' initial centroids, TSDS's multinomial) draw over the candidates in the order of
-their content, so they must survive the shuffle as well."""
+(features stage on Ray Data, then ``select_files`` joining the pool). The cause is checked first:
+the three pools' features are byte-identical per record, since the features stage plans its
+batches by content. The seeded selectors (a sample, k-means' initial centroids, TSDS's
+multinomial) draw over the candidates in the order of their content, so they must survive the
+shuffle as well."""
 
 import hashlib
 import random
@@ -11,11 +13,12 @@ import pytest
 
 from evoray.config import FeaturesConfig, SelectConfig
 from evoray.data import read_records, write_records
+from evoray.data.features import read_features
 from evoray.features.stage import featurize
 from evoray.select.io import select_files
 from evoray.tasks import write_task
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 SELECTORS = ("random", "attribution", "diversity", "attr_div", "tsds", "evoselect")
 
@@ -50,6 +53,25 @@ def variants(ray_session, tmp_path_factory):
         write_records(recs, path, "candidate")
         files[name] = (path, featurize(path, "tiny-llama", cfg=cfg, out=str(root / f"f-{name}")))
     return root, files
+
+
+def test_features_are_byte_identical_per_record(variants):
+    """The cause first: the features stage plans its batches by content, so every record's
+    feature row (and loss) is the same bytes in all three pools."""
+    _, files = variants
+    rows = {}
+    for name in ("original", "renamed", "shuffled"):
+        pool, feats = files[name]
+        content = {r["id"]: (r["prompt"], r["response"])
+                   for r in read_records(pool, "candidate")}
+        f = read_features(feats)
+        got: dict = {}
+        for rid, x, loss in zip(f.ids, f.X, f.loss, strict=True):
+            got.setdefault(content[rid], []).append(x.tobytes() + loss.tobytes())
+        rows[name] = {k: sorted(v) for k, v in got.items()}
+    assert len(rows["original"]) > 100
+    assert rows["renamed"] == rows["original"]
+    assert rows["shuffled"] == rows["original"]
 
 
 @pytest.mark.parametrize("method", SELECTORS)

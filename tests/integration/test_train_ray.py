@@ -13,6 +13,7 @@ from evoray.tasks import write_task
 from evoray.train import train
 from evoray.train.loop import FAIL_ENV
 
+pytestmark = pytest.mark.slow  # multi-worker Train, and a worker group restarted
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

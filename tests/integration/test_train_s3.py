@@ -10,6 +10,8 @@ from evoray.data import read_records, write_records
 from evoray.tasks import write_task
 from evoray.train import evaluate, train
 
+pytestmark = pytest.mark.slow  # Ray restarted for the module, and an evolve run on S3
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -17,29 +19,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# pyarrow reads the endpoint and credentials from the environment, and Ray's workers inherit the
-# driver's environment at `ray.init`, which runs after collection: set them now.
-PORT = _free_port()
-for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                   "AWS_DEFAULT_REGION": "us-east-1",
-                   "AWS_ENDPOINT_URL": f"http://127.0.0.1:{PORT}"}.items():
-    os.environ.setdefault(key, value)
-
-
 @pytest.fixture(scope="module")
-def s3():
+def s3(restart_ray):
+    """A moto S3 server on a free loopback port, for this module only. pyarrow reads the
+    endpoint and credentials from the environment, and Ray's workers get the driver's
+    environment when Ray starts: the variables are set, and the suite's Ray restarted with
+    them, for this module alone; both are undone after it."""
     moto_server = pytest.importorskip("moto.server")
     import pyarrow.fs as pafs
 
-    if os.environ["AWS_ENDPOINT_URL"] != f"http://127.0.0.1:{PORT}":
-        pytest.skip("AWS_ENDPOINT_URL is set to another endpoint")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=PORT, verbose=False)
-    server.start()
-    fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{PORT}", scheme="http",
-                           region="us-east-1", allow_bucket_creation=True)
-    fs.create_dir("evoray")
-    yield lambda key: f"s3://evoray/{key}", fs
-    server.stop()
+    port = _free_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        restart_ray()
+        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port,
+                                                verbose=False)
+        server.start()
+        try:
+            fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
+                                   region="us-east-1", allow_bucket_creation=True)
+            fs.create_dir("evoray")
+            yield lambda key: f"s3://evoray/{key}", fs
+        finally:
+            server.stop()
+    restart_ray()  # the suite's Ray again, without the variables
+
+
+def test_ray_workers_see_the_s3_endpoint(s3):
+    import ray
+
+    @ray.remote
+    def endpoint():
+        return os.environ.get("AWS_ENDPOINT_URL")
+
+    assert ray.get(endpoint.remote()) == os.environ["AWS_ENDPOINT_URL"]
 
 
 @pytest.mark.timeout(300)

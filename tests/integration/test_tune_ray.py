@@ -14,7 +14,7 @@ import pytest
 from evoray.config import load_config
 from evoray.tune import STOP_ENV, SweepInterrupted, sweep
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 QUICK = str(Path(__file__).resolve().parents[2] / "tune_configs" / "quick.yaml")
 

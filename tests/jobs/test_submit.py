@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def _free_port() -> int:
@@ -78,38 +78,41 @@ def _head(tmp_path_factory, **env_extra):
             raise RuntimeError(f"{e}; `ray start` printed:\n{log.read_text()[-3000:]}") from None
         yield {"address": address, "env": env, "ray": ray_bin}
     finally:
+        # a graceful stop waits on agents and job supervisors (about 30 s here); every process
+        # is in this group, with its files under this test's RAY_TMPDIR: end them at once
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(60)
+            proc.wait(5)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    with _head(tmp_path_factory) as h:
+    """One head node for the module, with Ray's token authentication on (RAY_AUTH_MODE=token,
+    the token in RAY_AUTH_TOKEN, and no ~/.ray/auth_token to fall back on): every job below is
+    submitted with the token."""
+    home = tmp_path_factory.mktemp("home")
+    with _head(tmp_path_factory, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+               HOME=str(home)) as h:
         yield h
 
 
-def test_job_submission_with_token_auth(tmp_path_factory, tmp_path):
-    """Ray's token authentication on (RAY_AUTH_MODE=token, the token in RAY_AUTH_TOKEN): a job
-    submitted with the token runs evoray on the cluster; without it the head refuses it."""
-    token = secrets.token_hex(32)
-    home = tmp_path / "home"  # no ~/.ray/auth_token to fall back on
-    home.mkdir()
-    with _head(tmp_path_factory, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
-               HOME=str(home)) as h:
-        out = tmp_path / "task"
-        cmd = [h["ray"], "job", "submit", "--address", h["address"], "--working-dir", str(ROOT),
-               "--", "python", "jobs/make_task.py", "--task", "compare", "--pool-size", "200",
-               "--generator", "strong", "--out", str(out)]
-        ok = subprocess.run(cmd, env=h["env"], capture_output=True, text=True, timeout=240)
-        assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
-        assert "pool checked on the cluster: 200 candidates" in ok.stdout
-        no_token = {k: v for k, v in h["env"].items() if k != "RAY_AUTH_TOKEN"}
-        refused = subprocess.run(cmd, env=no_token, capture_output=True, text=True, timeout=120)
-        assert refused.returncode != 0
-        assert "token" in (refused.stdout + refused.stderr).lower()
+def test_job_submission_with_token_auth(head, tmp_path):
+    """A job submitted with the token runs evoray on the cluster; without it the head refuses
+    it."""
+    out = tmp_path / "task"
+    cmd = [head["ray"], "job", "submit", "--address", head["address"], "--working-dir",
+           str(ROOT), "--", "python", "jobs/make_task.py", "--task", "compare", "--pool-size",
+           "200", "--generator", "strong", "--out", str(out)]
+    ok = subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=240)
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
+    assert "pool checked on the cluster: 200 candidates" in ok.stdout
+    no_token = {k: v for k, v in head["env"].items() if k != "RAY_AUTH_TOKEN"}
+    refused = subprocess.run(cmd, env=no_token, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
+    assert "token" in (refused.stdout + refused.stderr).lower()
 
 
 def test_make_task_job(head, tmp_path):

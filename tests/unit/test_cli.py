@@ -1,5 +1,7 @@
 """The `evoray` command line: subcommands, outputs and one-line errors."""
 
+import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -7,15 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from evoray.cli import main
+from evoray.cli import build_parser, main
 
 
 def test_console_script_help_lists_subcommands():
     exe = shutil.which("evoray", path=str(Path(sys.executable).parent))
     assert exe, "the console script `evoray` is installed beside the interpreter"
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("tasks", "config", "demo"):
-        assert command in out
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    names = [c.dest for c in sub._choices_actions]  # the subcommands, each with its help line
+    assert len(names) >= 11 and {"tasks", "config", "demo", "evolve", "sweep"} <= set(names)
+    listed = out.split("positional arguments:")[1]
+    for action in sub._choices_actions:
+        assert re.search(rf"^\s+{action.dest}\s+{re.escape(action.help[:20])}", listed, re.M), \
+            action.dest
 
 
 def test_tasks_list(capsys):

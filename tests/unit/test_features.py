@@ -210,3 +210,35 @@ def test_extractor_features_equal_projected_reference():
     rel = np.linalg.norm(f1 - f2, axis=1) / np.linalg.norm(f2, axis=1)
     assert rel.max() < 1e-5
     assert np.allclose(n1, n2, rtol=1e-5) and np.allclose(l1, l2, rtol=1e-6)
+
+
+def test_batch_plan_depends_on_content_only():
+    """Permuting the candidates permutes their (batch, slot): the same record lands in the same
+    batch at the same place whatever the pool's order; batches run shortest first, full except
+    the last, and each is sorted by (length, key)."""
+    from evoray.features.plan import plan_batches
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 9, 40)
+    keys = rng.integers(0, 2**64, 40, dtype=np.uint64)
+    batch, slot = plan_batches(lengths, keys, 6)
+    assert sorted(slot.tolist()) == list(range(40)) and np.array_equal(batch, slot // 6)
+    assert np.bincount(batch).tolist() == [6] * 6 + [4]
+    by_slot = np.argsort(slot)
+    pairs = sorted(zip(lengths.tolist(), keys.tolist(), strict=True))
+    assert [(int(lengths[i]), int(keys[i])) for i in by_slot] == pairs
+    perm = rng.permutation(40)
+    batch2, slot2 = plan_batches(lengths[perm], keys[perm], 6)
+    assert np.array_equal(slot2, slot[perm]) and np.array_equal(batch2, batch[perm])
+
+
+def test_features_version_is_hashed(tmp_path, monkeypatch):
+    """Features made by another version of the computation are never reused."""
+    from evoray.features import stage
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text('{"id": "a", "prompt": "p", "response": "r"}\n')
+    args = (str(pool), "tiny-llama", None, None, FeaturesConfig(), 256)
+    before = stage.input_hash(*args)
+    monkeypatch.setattr(stage, "FEATURES_VERSION", stage.FEATURES_VERSION + 1)
+    assert stage.input_hash(*args) != before

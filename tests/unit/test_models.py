@@ -104,17 +104,39 @@ def test_missing_model_is_a_clear_error(tmp_path):
         load_model("nobody/no-such-model-here")
 
 
+@pytest.fixture(scope="module")
+def smollm2_first_use(tmp_path_factory):
+    """SmolLM2 converted once for the module, as on a fresh machine: the features stage is often
+    the first to touch it, so the conversion goes through its layer listing, which runs under the
+    meta device (the one-time conversion must still load real weights: transformers refuses
+    ``from_pretrained`` under a meta device)."""
+    from evoray.config import FeaturesConfig
+    from evoray.features.stage import _lora_layers
+
+    cache = tmp_path_factory.mktemp("cache")
+    names = _lora_layers("smollm2-135m", FeaturesConfig(), None, str(cache))
+    return cache, names
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_smollm2_converted_once_then_reused(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    model, tok = load_model("smollm2-135m", cache_dir=str(cache))
+def test_features_convert_smollm2_on_first_use(smollm2_first_use):
+    cache, names = smollm2_first_use
+    assert (cache / "smollm2-135m" / "model.safetensors").exists()
+    assert len(names) == 30 * 4 and all(".self_attn." in n for n in names)  # q, k, v, o
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_smollm2_converted_once_then_reused(smollm2_first_use):
+    cache, _ = smollm2_first_use
     folder = smollm2_dir(str(cache))
     files = set(os.listdir(folder))
     assert {"config.json", "model.safetensors"} <= files
     stamp = os.stat(folder / "model.safetensors").st_mtime_ns
+    model, tok = load_model("smollm2-135m", cache_dir=str(cache))
     again, _ = load_model("smollm2-135m", cache_dir=str(cache))
-    assert os.stat(folder / "model.safetensors").st_mtime_ns == stamp
+    assert os.stat(folder / "model.safetensors").st_mtime_ns == stamp  # never converted again
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     a, b = model.state_dict(), again.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -125,17 +147,3 @@ def test_smollm2_converted_once_then_reused(tmp_path_factory):
     enc = encode_pair(tok, PROMPT, "A", max_length=64)
     assert tok.decode([t for t in enc.labels if t != IGNORE]) == " A" + tok.eos_token
     assert tok.padding_side == "right" and tok.pad_token_id is not None
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_features_convert_smollm2_on_first_use(tmp_path):
-    """The features stage is often the first to touch SmolLM2 on a fresh machine: its layer
-    listing runs under the meta device, and the one-time conversion must still load real
-    weights (transformers refuses ``from_pretrained`` under a meta device)."""
-    from evoray.config import FeaturesConfig
-    from evoray.features.stage import _lora_layers
-
-    names = _lora_layers("smollm2-135m", FeaturesConfig(), None, str(tmp_path))
-    assert (tmp_path / "smollm2-135m" / "model.safetensors").exists()
-    assert len(names) == 30 * 4 and all(".self_attn." in n for n in names)  # q, k, v, o

@@ -232,13 +232,14 @@ def test_tsds_without_replacement(data):
 
 # ---- EvoSelect ------------------------------------------------------------------------------
 
-def reference_greedy(align, X, lam, count, redundant_cos=0.98, bins=65536):
-    """Brute force: recount both ranks among the remaining candidates before every pick."""
-    n = len(align)
+def reference_greedy(aligns, X, lam, count, redundant_cos=0.98, bins=65536):
+    """Brute force: recount both ranks among the remaining candidates before every pick;
+    ``count`` picks for each alignment array of ``aligns`` in turn, the state carried over."""
+    n = len(aligns[0])
     alive = np.ones(n, bool)
     nov = np.ones(n, np.float32)
     picks = []
-    for _ in range(count):
+    for align, _ in ((a, t) for a in aligns for t in range(count)):
         idx = np.flatnonzero(alive)
         a = align[idx]
         qb = np.minimum((np.clip(nov[idx], 0, 2) * (bins / 2)).astype(np.int64), bins - 1)
@@ -261,8 +262,9 @@ def test_greedy_fast_path_equals_brute_force(lam):
     X[1] = X[0]  # an exact duplicate
     greedy = Greedy(400, lam, lambda i: (np.arange(400), X @ X[i]))
     got = np.concatenate([greedy.block(align, 30)["index"], greedy.block(align[::-1], 30)["index"]])
-    ref_a = reference_greedy(align, X, lam, 30)
-    assert got[:30].tolist() == ref_a.tolist()
+    ref = reference_greedy([align, align[::-1]], X, lam, 30)  # block 2 goes on from block 1
+    assert got.tolist() == ref.tolist()
+    assert len(set(got.tolist())) == 60
 
 
 def test_evoselect_aligned_and_free_of_near_duplicates(data):
