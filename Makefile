@@ -18,7 +18,7 @@ QUIET := 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 # counts as success; the tier's summary line is printed again, labelled, at the end.
 define tier
 rc=0; log=$$(mktemp); \
-$(BIN)/python -m pytest -q -rfE -m "$(2)" tests 2>&1 | tee $$log || rc=$$?; \
+$(BIN)/python -m pytest -q -rfE --durations=15 -m "$(2)" tests 2>&1 | tee $$log || rc=$$?; \
 if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; \
 echo "[$(1) tier] $$(tail -n 1 $$log)" >> $(VENV)/tiers.txt; rm -f $$log; \
 [ $$rc -eq 0 ]

@@ -1,6 +1,7 @@
 """`ray job submit` against a real local head node started (and stopped) by this test."""
 
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -12,7 +13,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
+
+from evoray.data.features import read_features
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -136,18 +140,31 @@ def test_failing_job_exits_non_zero(head, tmp_path):
     assert "unknown task 'nope'" in result.stdout + result.stderr
 
 
-def test_evolve_job_writes_every_round(head, tmp_path):
-    run = tmp_path / "run"
+def test_evolve_job_writes_every_round(head, quick_run, quick_round_one):
+    """The evolve job resumes the suite's reference run after its round 1 (``quick_round_one``)
+    with ``jobs/configs/quick.yaml`` (the same settings): it skips round 1, writes round 2 on the
+    cluster, and ends with the reference run's selections, features and metrics."""
+    run, ref = quick_round_one, quick_run["run_dir"]
     result = subprocess.run(
         [head["ray"], "job", "submit", "--address", head["address"], "--working-dir", str(ROOT),
          "--", "python", "jobs/evolve.py", "--config", "jobs/configs/quick.yaml",
-         f"evolve.run_dir={run}"],
+         f"evolve.run_dir={run}", "--resume"],
         env=head["env"], capture_output=True, text=True, timeout=540)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "succeeded" in result.stdout
+    assert "[evolve] round_01/train: done earlier, skipped" in result.stdout
+    assert "[evolve] round_02/train: done earlier" not in result.stdout
     for r in ("round_01", "round_02"):
         names = {p.name for p in (run / r).iterdir()}
         assert names >= {"pool.jsonl", "clean.jsonl", "features", "selection", "adapter",
                          "metrics.json"}, names
         assert (run / r / "selection" / "selected.jsonl").stat().st_size > 0
         assert (run / r / "adapter" / "adapter_model.safetensors").exists()
+    ids = [pq.read_table(f"{d}/round_02/selection/selected.parquet")["id"].to_pylist()
+           for d in (run, ref)]
+    assert ids[0] == ids[1]
+    for kind in ("pool", "targets"):
+        got, want = (read_features(f"{d}/round_02/features/{kind}") for d in (run, ref))
+        assert got.X.tobytes() == want.X.tobytes(), kind
+    got = json.loads((run / "round_02" / "metrics.json").read_text())
+    assert abs(got["accuracy"] - quick_run["rounds"][1]["accuracy"]) <= 1e-6
