@@ -66,7 +66,7 @@ def plan_batches(lengths: np.ndarray, keys: np.ndarray,
 
 
 def assign_batch(batch: dict, sorted_ids: np.ndarray, rows: np.ndarray, batches: np.ndarray,
-                  slots: np.ndarray) -> dict:
+                 slots: np.ndarray) -> dict:
     """Ray Data UDF: add ``row``, ``batch`` and ``slot`` from the driver's plan (by id)."""
     ids = batch["id"].astype(str)
     pos = np.searchsorted(sorted_ids, ids)
