@@ -61,9 +61,10 @@ GENERATORS = ("weak", "strong")
 TASKS = ("lookup", "arithmetic")
 # Fixed training settings of the downstream and evolution layers (smollm2-135m learns `lookup`
 # with these; benchmarks/results/train.json): all attention and MLP projections, r = 16.
-TRAIN = {"epochs": 8, "lr": 1e-3, "batch_size": 8, "max_length": 96, "lora_r": 16,
+TRAIN_V1 = {"epochs": 8, "lr": 1e-3, "batch_size": 8, "max_length": 96, "lora_r": 16,
          "lora_alpha": 32.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
                                                 "gate_proj", "up_proj", "down_proj"]}
+TRAIN = TRAIN_V1
 QUICK = {"model": "tiny-llama", "pool_size": 200, "dim": 256, "seeds": [0, 1],
          "train": {**TRAIN, "epochs": 1, "lora_r": 8, "lora_alpha": 32.0,
                    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}}
@@ -71,6 +72,64 @@ QUALITY_METRICS = (("off_task", "off-task share"), ("duplicate", "redundant dupl
                    ("near_duplicate_kind", "near-duplicate (kind) share"),
                    ("wrong_label", "wrong-label share"), ("unique_correct", "unique-correct share"),
                    ("letter_tv", "letter TV distance to the targets"))
+
+
+def task_files(work: str, task: str, gen: str, pool_size: int) -> dict:
+    """The task's files under ``work``, its simulated pool (``write_task(task, seed=0)``) and the
+    pool after the evolve loop's cleaning (exact duplicates and questions of the targets, dev and
+    test dropped), written on first use; with the cleaned pool and the targets read."""
+    from evoray.data import read_records
+    from evoray.evolve import clean_pool, normal_text
+    from evoray.tasks import write_task
+
+    folder = os.path.join(work, f"{task}-{gen}-{pool_size}")
+    if not os.path.exists(f"{folder}/task.json"):  # written last
+        write_task(task, folder, pool_size=pool_size, generator=gen, seed=0)
+    paths = {n: f"{folder}/{n}.jsonl" for n in ("pool", "clean", "targets", "dev", "test")}
+    if not os.path.exists(paths["clean"]):
+        prompts = {normal_text(r["prompt"]) for name, kind in
+                   (("targets", "target"), ("dev", "mcq"), ("test", "mcq"))
+                   for r in read_records(paths[name], kind)}
+        clean_pool(paths["pool"], paths["clean"], prompts)
+    return {**paths, "folder": folder,
+            "pool_records": read_records(paths["clean"], "candidate"),
+            "target_records": read_records(paths["targets"], "target")}
+
+
+def oracle_rows(records: list[dict], method: str, task: str, ratio: float, seed: int):
+    """The reference rows, read from the generator's ``meta``: random among on-task
+    (``oracle_on_task``) or clean (``oracle_clean``) candidates, one per question (the first
+    such candidate of each question in pool order), as many as the ratio's budget allows."""
+    from evoray.select.api import budget
+
+    seen, rows = set(), []
+    for i, r in enumerate(records):
+        m = r["meta"]
+        ok = m["kind"] == "clean" if method == "oracle_clean" else m["task"] == task
+        if ok and m["qkey"] not in seen:
+            seen.add(m["qkey"])
+            rows.append(i)
+    k = budget(len(records), ratio=ratio)
+    return np.random.default_rng(seed).choice(rows, size=min(k, len(rows)), replace=False)
+
+
+def train_cell(model: str, train: dict, folder: str, seed: int, test: str, threads: int) -> dict:
+    """Train on ``folder/selected.jsonl`` with ``train`` (TrainConfig settings) and ``seed``, in
+    local mode with ``threads`` torch threads, and score ``folder/adapter`` on ``test``. Module
+    level, so that a worker process can run it."""
+    import torch
+
+    from evoray.config import TrainConfig
+    from evoray.train import evaluate
+    from evoray.train import train as fit
+
+    torch.set_num_threads(threads)
+    res = fit(f"{folder}/selected.jsonl", model, cfg=TrainConfig(**train, seed=seed),
+              out=f"{folder}/adapter")
+    m = evaluate(model, res.adapter, test, max_length=96)
+    return {"accuracy": m["accuracy"], "loss": m["loss"], "n_test": m["n"],
+            "train_loss": float(res.history[-1]), "examples": res.n_examples,
+            "threads": threads, "train": train}
 
 
 class Cells:
@@ -87,19 +146,23 @@ class Cells:
             t0 = time.perf_counter()
             row = fn(*args)
             row["seconds"] = round(time.perf_counter() - t0, 1)
-            row["cmd"] = self.cmd
-            if os.path.exists(self.path):  # keep cells another run wrote meanwhile
-                self.rows = {**json.load(open(self.path))["cells"], **self.rows}
-            self.rows[key] = row
-            self.done.add(key)
-            tmp = f"{self.path}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump({"cells": self.rows}, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
-            print(f"[quality] {key}: " + ", ".join(
-                f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-                if not isinstance(v, dict | list)), flush=True)
+            self.put(key, row)
         return self.rows[key]
+
+    def put(self, key: str, row: dict) -> None:
+        """Store ``row`` (with the command, date and hardware) and rewrite the file at once."""
+        row["cmd"] = self.cmd
+        if os.path.exists(self.path):  # keep cells another run wrote meanwhile
+            self.rows = {**json.load(open(self.path))["cells"], **self.rows}
+        self.rows[key] = row
+        self.done.add(key)
+        tmp = f"{self.path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({"cells": self.rows}, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.path)
+        print(f"[quality] {key}: " + ", ".join(
+            f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+            if not isinstance(v, dict | list)), flush=True)
 
 
 class Bench:
@@ -124,22 +187,7 @@ class Bench:
         return self._tasks[task, gen]
 
     def _task(self, task: str, gen: str) -> dict:
-        from evoray.data import read_records
-        from evoray.evolve import clean_pool, normal_text
-        from evoray.tasks import write_task
-
-        folder = os.path.join(self.a.work, f"{task}-{gen}-{self.a.pool_size}")
-        if not os.path.exists(f"{folder}/task.json"):  # written last
-            write_task(task, folder, pool_size=self.a.pool_size, generator=gen, seed=0)
-        paths = {n: f"{folder}/{n}.jsonl" for n in ("pool", "clean", "targets", "dev", "test")}
-        if not os.path.exists(paths["clean"]):
-            prompts = {normal_text(r["prompt"]) for name, kind in
-                       (("targets", "target"), ("dev", "mcq"), ("test", "mcq"))
-                       for r in read_records(paths[name], kind)}
-            clean_pool(paths["pool"], paths["clean"], prompts)
-        return {**paths, "folder": folder,
-                "pool_records": read_records(paths["clean"], "candidate"),
-                "target_records": read_records(paths["targets"], "target")}
+        return task_files(self.a.work, task, gen, self.a.pool_size)
 
     def features(self, data: dict, adapter: str | None = None, tag: str = ""):
         """Features of pool and targets with the base model, or ``adapter``, as proxy (computed
@@ -178,20 +226,10 @@ class Bench:
              params: dict | None = None):
         """Rows of ``f["records"]`` picked by ``method`` and how often each was drawn."""
         from evoray.config import SelectConfig
-        from evoray.select.api import budget
         from evoray.select.io import select_features
 
-        k = budget(len(f["records"]), ratio=ratio)
         if method in ORACLES:
-            seen, rows = set(), []
-            for i, r in enumerate(f["records"]):
-                m = r["meta"]
-                ok = m["kind"] == "clean" if method == "oracle_clean" else m["task"] == task
-                if ok and m["qkey"] not in seen:
-                    seen.add(m["qkey"])
-                    rows.append(i)
-            rng = np.random.default_rng(seed)
-            return rng.choice(rows, size=min(k, len(rows)), replace=False), None
+            return oracle_rows(f["records"], method, task, ratio, seed), None
         cfg = SelectConfig(method=method, ratio=ratio, seed=seed,
                            params={**METHOD_PARAMS.get(method, {}), **(params or {})})
         # No content keys: the seeded selectors draw over the rows in pool-file order (the cells
@@ -223,31 +261,45 @@ class Bench:
     # -- downstream ----------------------------------------------------------------------------
 
     def train_eval(self, records: list[dict], folder: str, seed: int, test: str) -> dict:
-        from evoray.config import TrainConfig
+        """Train on ``records`` in this process and score the adapter on ``test``."""
         from evoray.data import write_records
-        from evoray.train import evaluate, train
 
         os.makedirs(folder, exist_ok=True)
-        path = f"{folder}/selected.jsonl"
-        write_records(records, path, "candidate")
-        cfg = TrainConfig(**self.a.train, seed=seed)
-        res = train(path, self.a.model, cfg=cfg, out=f"{folder}/adapter")
-        m = evaluate(self.a.model, res.adapter, test, max_length=96)
-        return {"accuracy": m["accuracy"], "loss": m["loss"], "n_test": m["n"],
-                "train_loss": float(res.history[-1]), "examples": res.n_examples}
+        write_records(records, f"{folder}/selected.jsonl", "candidate")
+        return train_cell(self.a.model, self.a.train, folder, seed, test, self.a.train_threads)
 
     def downstream(self) -> None:
-        """Seed by seed, so that a partial run has every method at the first seeds."""
+        """Every missing cell's selection is made here, in seed order (so that a partial run has
+        every method at the first seeds); the trainings run ``--jobs`` at a time in worker
+        processes of ``--train-threads`` torch threads each, and each cell is stored as soon as
+        it finishes."""
+        todo = []
         for task in self.a.downstream_tasks:
             self.cells.get(f"base|{task}", self._base_cell, self.task(task, "weak"))
             for seed in self.a.seeds:
                 for gen in self.a.generators:
-                    data = self.task(task, gen)
                     for ratio in self.a.downstream_ratios:
                         for method in self.a.methods:
-                            self.cells.get(f"down|{task}|{gen}|{ratio}|{method}|{seed}",
-                                           self._downstream_cell, data, task, gen, ratio,
-                                           method, seed)
+                            key = f"down|{task}|{gen}|{ratio}|{method}|{seed}"
+                            if self.a.force or key not in self.cells.rows:
+                                todo.append((key, task, gen, ratio, method, seed))
+        if not todo:
+            return
+        import concurrent.futures as cf
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # no forked copy of this process's Ray
+        with cf.ProcessPoolExecutor(self.a.jobs, mp_context=ctx) as pool:
+            futures = {}
+            for key, task, gen, ratio, method, seed in todo:
+                folder, extra = self._prepare_cell(task, gen, ratio, method, seed)
+                fut = pool.submit(train_cell, self.a.model, self.a.train, folder, seed,
+                                  self.task(task, gen)["test"], self.a.train_threads)
+                futures[fut] = key, extra
+            for fut in cf.as_completed(futures):
+                key, extra = futures[fut]
+                self.cells.put(key, {**fut.result(), **extra})
+                write_report(self.a, self.cells.rows)
 
     def _base_cell(self, data: dict) -> dict:
         from evoray.train import evaluate
@@ -255,15 +307,25 @@ class Bench:
         m = evaluate(self.a.model, None, data["test"], max_length=96)
         return {"accuracy": m["accuracy"], "loss": m["loss"], "n_test": m["n"]}
 
-    def _downstream_cell(self, data: dict, task: str, gen: str, ratio: float, method: str,
-                         seed: int) -> dict:
-        f = self.features(data)
+    def _prepare_cell(self, task: str, gen: str, ratio: float, method: str, seed: int):
+        """Write the cell's selection (a selector's picks, repeated as drawn) into its folder;
+        the folder and the selection's quality figures. The oracles read no features."""
+        from evoray.data import write_records
+        from evoray.tasks.score import selection_quality
+
+        data = self.task(task, gen)
+        f = {"records": data["pool_records"]} if method in ORACLES else self.features(data)
         rows, counts = self.pick(method, ratio, seed, f, task)
         picks = [f["records"][i] for i, c in zip(rows, counts or [1] * len(rows), strict=True)
                  for _ in range(c)]
         folder = os.path.join(self.a.work, "downstream", task, gen, str(ratio), method,
                               str(seed))
-        return self.train_eval(picks, folder, seed, data["test"])
+        os.makedirs(folder, exist_ok=True)
+        write_records(picks, f"{folder}/selected.jsonl", "candidate")
+        q = selection_quality([f["records"][i] for i in rows], data["target_records"], task,
+                              counts)
+        return folder, {"selection": {k: q[k] for k in ("wrong_label", "unique_correct",
+                                                        "off_task", "duplicate")}}
 
     # -- evolution -----------------------------------------------------------------------------
 
@@ -437,32 +499,7 @@ def report(args, rows: dict) -> str:
                     _fmt(rows.get(f"pool|{task}|{g}", {}).get("on_task_wrong")) for g, _ in cols)
                     + " |")
             out += lines + [""]
-    out += ["## Downstream: test accuracy after LoRA training on the selection", "",
-            f"Training in-process, fixed settings {json.dumps(args.train)}; mean ± s.d. over "
-            f"seeds {args.seeds} (selector and training seed), n = test questions.", ""]
-    for task in args.downstream_tasks:
-        dcols = [(g, r) for g in args.generators for r in args.downstream_ratios]
-        base = rows.get(f"base|{task}")
-        lines = [f"### {task}" + (f" (base model: {base['accuracy']:.3f})" if base else ""), "",
-                 "| method | " + " | ".join(f"{g} {r}" for g, r in dcols) + " |",
-                 "|---" * (len(dcols) + 1) + "|"]
-        for method in SELECTORS + ORACLES:
-            cells = []
-            for g, r in dcols:
-                accs = [rows[k]["accuracy"] for s in args.seeds
-                        if (k := f"down|{task}|{g}|{r}|{method}|{s}") in rows]
-                if not accs:
-                    cells.append("–")
-                elif len(accs) == 1:
-                    cells.append(f"{accs[0]:.3f} (1 seed)")
-                else:
-                    each = ", ".join(f"{a:.3f}" for a in accs)
-                    cells.append(f"{statistics.mean(accs):.3f} ± {statistics.stdev(accs):.3f} "
-                                 f"({each})")
-            if any(c != "–" for c in cells):
-                lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        out += lines + ["", "Cells give mean ± s.d. over the seeds done, then each seed's "
-                          "accuracy in seed order.", ""]
+    out += downstream_tables(args, rows)
     if any(k.startswith("evo|") for k in rows):
         out += ["## Evolution: 2 rounds of `evoray evolve` (ratio 0.1)", "",
                 f"Task {args.evolution_task}; round 2's proxy is the round-1 model.", "",
@@ -483,6 +520,63 @@ def report(args, rows: dict) -> str:
         out.append("")
     out += proxy_tables(args, rows)
     return "\n".join(out)
+
+
+def paired(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
+    """Mean of the paired differences ``x - y`` and its two-sided 95% t-interval
+    (``len - 1`` degrees of freedom)."""
+    from scipy import stats
+
+    d = [x - y for x, y in zip(xs, ys, strict=True)]
+    half = stats.t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / len(d) ** 0.5
+    return statistics.mean(d), statistics.mean(d) - half, statistics.mean(d) + half
+
+
+def downstream_tables(args, rows: dict) -> list[str]:
+    """Per task: each method's test accuracy (mean ± standard error over the seeds) and its
+    paired difference to random (seed s of both shares the selection and training seed) with a
+    95% t-interval; an interval that excludes 0 is marked significant."""
+    out = ["## Downstream: test accuracy after LoRA training on the selection", "",
+           f"Training in-process with the recipe {json.dumps(args.train)}; seeds "
+           f"{args.seeds} (seed s is both the selector's and the training's seed for every "
+           "method). Each cell: mean ± standard error over the seeds, then the paired "
+           "difference to random, mean [95% t-interval]; **bold** = the interval excludes 0.", ""]
+    for task in args.downstream_tasks:
+        dcols = [(g, r) for g in args.generators for r in args.downstream_ratios]
+        base = rows.get(f"base|{task}")
+        lines = [f"### {task}" + (f" (base model: {base['accuracy']:.3f})" if base else ""), "",
+                 "| method | " + " | ".join(f"{g} {r} | Δ random" for g, r in dcols) + " |",
+                 "|---" * (2 * len(dcols) + 1) + "|"]
+        per_seed = []
+        for method in SELECTORS + ORACLES:
+            cells, shown = [], False
+            for g, r in dcols:
+                acc = {s: rows[k]["accuracy"] for s in args.seeds
+                       if (k := f"down|{task}|{g}|{r}|{method}|{s}") in rows}
+                ref = {s: rows[k]["accuracy"] for s in args.seeds
+                       if (k := f"down|{task}|{g}|{r}|random|{s}") in rows}
+                if not acc:
+                    cells += ["–", "–"]
+                    continue
+                shown = True
+                v = list(acc.values())
+                se = statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else float("nan")
+                cells.append(f"{statistics.mean(v):.3f} ± {se:.3f} (n={len(v)})")
+                both = sorted(set(acc) & set(ref))
+                if method == "random" or len(both) < 2:
+                    cells.append("–")
+                else:
+                    m, lo, hi = paired([acc[s] for s in both], [ref[s] for s in both])
+                    text = f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+                    cells.append(f"**{text}**" if lo > 0 or hi < 0 else text)
+                per_seed.append(f"| {method} | {g} {r} | " + " | ".join(
+                    f"{acc[s]:.3f}" if s in acc else "–" for s in args.seeds) + " |")
+            if shown:
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        out += lines + ["", f"Test accuracy of each seed ({task}):", "",
+                        "| method | pool | " + " | ".join(f"seed {s}" for s in args.seeds)
+                        + " |", "|---" * (len(args.seeds) + 2) + "|"] + per_seed + [""]
+    return out
 
 
 def proxy_tables(args, rows: dict) -> list[str]:
@@ -600,6 +694,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="evolution's baseline (default: the highest unique-correct share at "
                          "ratio 0.1, weak generator, in the quality layer)")
     ap.add_argument("--epochs", type=int, help="training epochs (default: TRAIN's)")
+    ap.add_argument("--jobs", type=int, default=2, help="downstream trainings at once, each in "
+                    "a worker process (2 one-thread trainings use both cores of a 2-core machine)")
+    ap.add_argument("--train-threads", type=int, default=1, help="torch threads per training")
     ap.add_argument("--work", help="pools, features, adapters (default runs/quality[_quick])")
     ap.add_argument("--results",
                     help="cell cache (default benchmarks/results/quality[_quick].json)")

@@ -45,7 +45,6 @@ once N trials have finished: for tests; Tune must run in the driver's main threa
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -324,24 +323,6 @@ def prepare_shared(cfg: Config, shared: str, *, say=print) -> dict[str, str | No
 
 # -- one trial (runs in a Tune trial process) -----------------------------------------------
 
-@contextlib.contextmanager
-def _local_train_in_trial():
-    """Let :func:`evoray.train.train` run its local mode (``num_workers=0``: the loop runs in
-    this process) inside a Tune trial. Ray 2.60 makes ``ray.train.get_context``/``report`` raise
-    in any process that hosts a Tune session (a guard steering Train-V1-style code to
-    ``ray.tune``'s API), and evoray's train loop calls them. The guard reads
-    ``trainable_fn_utils._in_tune_session`` when called, so it is turned off for the duration of
-    the call; in a trial process only the trial's own thread calls these functions."""
-    import ray.tune.trainable.trainable_fn_utils as fn_utils
-
-    saved = fn_utils._in_tune_session
-    fn_utils._in_tune_session = lambda: False
-    try:
-        yield
-    finally:
-        fn_utils._in_tune_session = saved
-
-
 def _scores(cfg: Config, paths: dict, adapter: str) -> dict:
     """Dev (and test) accuracy and response loss of base + ``adapter``, model loaded once."""
     from evoray.data import read_records
@@ -429,8 +410,7 @@ def _epochs_in_process(cfg: Config, paths: dict, data: str, extra: dict, tdir: s
         shutil.rmtree(out, ignore_errors=True)  # a copy left by a killed attempt
         tcfg = dataclasses.replace(cfg.train, epochs=1, seed=cfg.train.seed + e)
         t0 = time.perf_counter()
-        with _local_train_in_trial():
-            res = train(data, cfg.model, adapter, tcfg, out=out, cache_dir=cfg.cache_dir)
+        res = train(data, cfg.model, adapter, tcfg, out=out, cache_dir=cfg.cache_dir)
         metrics = {"epoch": e + 1, "train_loss": float(res.metrics.get("loss", float("nan"))),
                    "train_s": time.perf_counter() - t0, **_scores(cfg, paths, out), **extra}
         with open(os.path.join(out, _STATE), "w") as f:

@@ -4,8 +4,9 @@ The driver reads and tokenizes the records (the foundation's policy: prompts cut
 an example whose response does not fit ``max_length`` is an error or, with
 ``on_overflow="skip"``, a counted skip), then runs a ``TorchTrainer`` over
 ``ScalingConfig(num_workers, use_gpu)`` with :func:`evoray.train.loop.train_loop` on each worker
-(DDP when there are several). ``num_workers=0`` runs the loop in this process without starting
-Ray (tests, notebooks); otherwise the tokenized rows reach the workers as Ray Data shards with
+(DDP when there are several). ``num_workers=0`` runs the loop in this process, with no Ray call
+at all (tests, notebooks, a Tune trial, a benchmark that scores every epoch through
+``on_checkpoint``); otherwise the tokenized rows reach the workers as Ray Data shards with
 ``preserve_order``, each worker keeping ``n // num_workers`` of them so that every worker takes
 the same number of steps.
 
@@ -92,7 +93,8 @@ def _input_error(e: BaseException) -> EvorayError | None:
 
 def train(records_path: str, model_spec: str, init_adapter: str | None = None,
           cfg: TrainConfig | None = None, *, out: str, name: str | None = None,
-          cache_dir: str | None = None, progress: bool = False) -> TrainResult:
+          cache_dir: str | None = None, progress: bool = False,
+          on_checkpoint=None) -> TrainResult:
     """Fine-tune a LoRA adapter of ``model_spec`` on the (prompt, response) records.
 
     Args:
@@ -106,20 +108,22 @@ def train(records_path: str, model_spec: str, init_adapter: str | None = None,
         cache_dir: model cache (see :func:`evoray.models.default_cache_dir`).
         progress: worker 0 prints a line every tenth of the steps (step, epoch, loss, rate);
             with workers on Ray the lines reach the driver through Ray's log forwarding.
+        on_checkpoint: local mode only: called as ``on_checkpoint(folder, metrics)`` with every
+            checkpoint folder (each epoch's end, every ``checkpoint_every`` steps, the last
+            step) while it exists, e.g. to score the adapter on dev epoch by epoch.
 
     Raises:
         RecordError: the file is empty or malformed. ResponseTooLong: an example does not fit
         ``max_length`` (``on_overflow="error"``). ModelError: the adapter is missing or was
         trained on another base model. TrainError: no example left, or fewer than the workers.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from evoray.train.loop import FAIL_ENV, optimizer_steps, train_loop
+    from evoray.train.loop import optimizer_steps
 
     cfg = cfg or TrainConfig()
     if cfg.num_workers == 0 and cfg.use_gpu:
         raise TrainError("train.use_gpu needs num_workers >= 1 (local mode has no GPU placement)")
+    if cfg.num_workers and on_checkpoint is not None:
+        raise TrainError("on_checkpoint needs local mode (num_workers=0)")
     rows, skipped = _rows(records_path, model_spec, cfg, cache_dir)
     if init_adapter:
         _check_init_adapter(init_adapter, model_spec, cache_dir)
@@ -132,19 +136,38 @@ def train(records_path: str, model_spec: str, init_adapter: str | None = None,
     loop_cfg = {"cfg": cfg, "model": model_spec, "init_adapter": init_adapter, "out": out,
                 "cache_dir": cache_dir, "steps_per_epoch": per_epoch, "total_steps": total,
                 "rows_per_worker": per_worker, "progress": progress}
-    datasets = None
+    log.info("training %s on %d examples: %d steps (%d per epoch), %d worker(s)", model_spec,
+             len(rows), total, per_epoch, cfg.num_workers)
     if cfg.num_workers == 0:
-        loop_cfg["rows"] = rows
+        from evoray.train.loop import LocalSession, train_loop
+
+        session = LocalSession(on_checkpoint)
+        train_loop({**loop_cfg, "rows": rows}, session)
+        metrics, checkpoint = dict(session.metrics), None
     else:
-        import ray
-        import ray.data
-        from ray.data import ExecutionOptions
-        from ray.train import DataConfig
+        result = _fit(loop_cfg, rows, cfg, name)
+        metrics = dict(result.metrics or {})
+        checkpoint = result.checkpoint.path if result.checkpoint else None
+    history = metrics.pop("history", [])
+    sep = "/" if "://" in out else os.sep
+    return TrainResult(adapter=out, adam_state=out.rstrip("/") + sep + "adam_state.safetensors",
+                       metrics=metrics, history=history, n_examples=len(rows), skipped=skipped,
+                       checkpoint=checkpoint)
 
-        from evoray.ray_utils import init_ray
 
-        init_ray()
-        datasets = {"train": ray.data.from_items(rows)}
+def _fit(loop_cfg: dict, rows: list[dict], cfg: TrainConfig, name: str | None):
+    """Run the loop on ``cfg.num_workers`` Ray Train workers; the rows reach them as Ray Data
+    shards in order. Returns Ray Train's ``Result``."""
+    import ray
+    import ray.data
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from evoray.ray_utils import init_ray
+    from evoray.train.loop import FAIL_ENV, train_loop
+
+    init_ray()
     env = {FAIL_ENV: os.environ[FAIL_ENV]} if os.environ.get(FAIL_ENV) else {}
     run_config = RunConfig(
         worker_runtime_env={"env_vars": env} if env else None,
@@ -152,20 +175,15 @@ def train(records_path: str, model_spec: str, init_adapter: str | None = None,
         storage_path=cfg.storage_path,
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
         failure_config=FailureConfig(max_failures=cfg.max_failures))
-    kwargs = {}
-    if datasets is not None:
-        kwargs["dataset_config"] = DataConfig(
-            execution_options=ExecutionOptions(preserve_order=True))
-    trainer = TorchTrainer(train_loop, train_loop_config=loop_cfg, datasets=datasets,
-                           scaling_config=ScalingConfig(
-                               num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                               resources_per_worker=None if cfg.num_workers == 0 else
-                               {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
-                           run_config=run_config, **kwargs)
-    log.info("training %s on %d examples: %d steps (%d per epoch), %d worker(s)", model_spec,
-             len(rows), total, per_epoch, cfg.num_workers)
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=loop_cfg, datasets={"train": ray.data.from_items(rows)},
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker,
+                                                           **({"GPU": 1} if cfg.use_gpu else {})}),
+        run_config=run_config)
     try:
-        result = trainer.fit()
+        return trainer.fit()
     except EvorayError:
         raise
     except Exception as e:  # Ray wraps worker errors; keep an input error readable
@@ -173,9 +191,3 @@ def train(records_path: str, model_spec: str, init_adapter: str | None = None,
         if cause is not None:
             raise cause from e
         raise
-    metrics = dict(result.metrics or {})
-    history = metrics.pop("history", [])
-    sep = "/" if "://" in out else os.sep
-    return TrainResult(adapter=out, adam_state=out.rstrip("/") + sep + "adam_state.safetensors",
-                       metrics=metrics, history=history, n_examples=len(rows), skipped=skipped,
-                       checkpoint=result.checkpoint.path if result.checkpoint else None)

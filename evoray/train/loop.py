@@ -17,6 +17,13 @@ folder with the adapter (peft files + tokenizer + ``evoray_adapter.json``), ``tr
 base, as :func:`evoray.features.grads.attach_lora` builds it) and ``state.json`` (global step,
 epoch, step in epoch = the data position, the loss history and the config). Rank 0 attaches it to
 ``ray.train.report``; every worker reports the same metrics the same number of times.
+
+The loop talks to its runner through a small session (rank, world size, the checkpoint to resume
+from, ``report``): :class:`RaySession` inside Ray Train workers, :class:`LocalSession` when
+:func:`evoray.train.train` runs the loop in its own process (``num_workers=0``), with no Ray
+call at all, so local training also runs inside a Tune trial or a Ray task. The local session
+keeps the last report and may hand every checkpoint folder to a callback (``on_checkpoint``)
+before it is deleted: the hook that per-epoch evaluation and early stopping use.
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ import torch
 
 from evoray.data.tokenize import Encoded, collate
 
-__all__ = ["train_loop", "FAIL_ENV", "save_checkpoint", "optimizer_steps"]
+__all__ = ["train_loop", "FAIL_ENV", "save_checkpoint", "optimizer_steps", "LocalSession",
+           "RaySession"]
 
 FAIL_ENV = "EVORAY_TRAIN_FAIL_AT_STEP"  # tests: raise once at this step unless resumed
 
@@ -98,53 +106,92 @@ def save_checkpoint(folder: str, model, tok, optimizer, scheduler, state: dict, 
         json.dump(state, f, indent=1)
 
 
-def _load_checkpoint(ckpt, model, optimizer, scheduler) -> dict:
+def _load_checkpoint(d: str, model, optimizer, scheduler) -> dict:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    with ckpt.as_directory() as d:
-        weights = load_file(os.path.join(d, "adapter_model.safetensors"))
-        set_peft_model_state_dict(model, weights)
-        trainer = torch.load(os.path.join(d, "trainer_state.pt"), weights_only=True)
-        optimizer.load_state_dict(trainer["optimizer"])
-        scheduler.load_state_dict(trainer["scheduler"])
-        with open(os.path.join(d, "state.json")) as f:
-            return json.load(f)
+    weights = load_file(os.path.join(d, "adapter_model.safetensors"))
+    set_peft_model_state_dict(model, weights)
+    trainer = torch.load(os.path.join(d, "trainer_state.pt"), weights_only=True)
+    optimizer.load_state_dict(trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    with open(os.path.join(d, "state.json")) as f:
+        return json.load(f)
 
 
-def _rows(c: dict) -> list[Encoded]:
-    import ray.train
+class RaySession:
+    """The loop inside a Ray Train worker: its shard, ``ray.train.get_checkpoint`` and
+    ``ray.train.report``."""
 
-    if c.get("rows") is not None:
-        rows = c["rows"]
-    else:
-        rows = list(ray.train.get_dataset_shard("train").iter_rows())
-        rows = rows[:c["rows_per_worker"]]
-    return [Encoded([int(t) for t in r["input_ids"]], [int(t) for t in r["labels"]]) for r in rows]
+    def __init__(self):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.local_rank = ctx.get_local_rank()
+
+    def rows(self, c: dict) -> list[dict]:
+        import ray.train
+
+        return list(ray.train.get_dataset_shard("train").iter_rows())[:c["rows_per_worker"]]
+
+    def checkpoint(self):
+        """The ``ray.train.Checkpoint`` to resume from (None: start afresh)."""
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict, folder: str | None) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        ray.train.report(metrics, checkpoint=None if folder is None else
+                         Checkpoint.from_directory(folder))
 
 
-def train_loop(c: dict) -> None:
-    """Ray Train's per-worker function; ``c`` holds ``cfg`` (TrainConfig), ``model``,
-    ``init_adapter``, ``out``, ``steps_per_epoch``, ``total_steps`` and the rows or their count.
-    Torch's deterministic-algorithms flag is restored on return (local mode runs in the caller's
+class LocalSession:
+    """The loop in the caller's process (``num_workers=0``): rows from the config, no resume,
+    the last report kept in ``metrics``; ``on_checkpoint(folder, metrics)``, if given, sees every
+    checkpoint folder (at each epoch's end, every ``checkpoint_every`` steps, and the last) while
+    it exists."""
+
+    rank, world, local_rank = 0, 1, 0
+
+    def __init__(self, on_checkpoint=None):
+        self.on_checkpoint, self.metrics = on_checkpoint, {}
+
+    def rows(self, c: dict) -> list[dict]:
+        return c["rows"]
+
+    def checkpoint(self) -> None:
+        return None
+
+    def report(self, metrics: dict, folder: str | None) -> None:
+        self.metrics = metrics
+        if folder is not None and self.on_checkpoint is not None:
+            self.on_checkpoint(folder, metrics)
+
+
+def train_loop(c: dict, session: LocalSession | RaySession | None = None) -> None:
+    """Ray Train's per-worker function (``session`` None: a :class:`RaySession`); ``c`` holds
+    ``cfg`` (TrainConfig), ``model``, ``init_adapter``, ``out``, ``steps_per_epoch``,
+    ``total_steps`` and the rows (local) or their count per worker. Torch's
+    deterministic-algorithms flag is restored on return (local mode runs in the caller's
     process)."""
     flag = torch.are_deterministic_algorithms_enabled()
     try:
-        _train(c)
+        _train(c, session or RaySession())
     finally:
         torch.use_deterministic_algorithms(flag)
 
 
-def _train(c: dict) -> None:
-    import ray.train
-    from ray.train import Checkpoint
-
+def _train(c: dict, session) -> None:
     cfg = c["cfg"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = torch.device(f"cuda:{ctx.get_local_rank()}" if cfg.use_gpu else "cpu")
+    rank, world = session.rank, session.world
+    device = torch.device(f"cuda:{session.local_rank}" if cfg.use_gpu else "cpu")
     _set_determinism(cfg.seed)
-    rows = _rows(c)
+    rows = [Encoded([int(t) for t in r["input_ids"]], [int(t) for t in r["labels"]])
+            for r in session.rows(c)]
     model, tok = _build_model(c, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -153,9 +200,10 @@ def _train(c: dict) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _schedule(s, total, warmup, cfg.schedule))
     state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "resumed_from_step": 0, "history": []}
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        state = _load_checkpoint(ckpt, model, optimizer, scheduler)
+    resume = session.checkpoint()
+    if resume is not None:
+        with resume.as_directory() as d:
+            state = _load_checkpoint(d, model, optimizer, scheduler)
         state["resumed_from_step"] = state["step"]
     net = model
     if world > 1:
@@ -203,25 +251,21 @@ def _train(c: dict) -> None:
                       flush=True)
             if (cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0) or \
                     epoch_end or state["step"] == total:
-                _report(model, tok, optimizer, scheduler, state, c, rank, loss_sum,
-                        samples / (time.perf_counter() - t0), Checkpoint)
+                _report(session, model, tok, optimizer, scheduler, state, c, loss_sum,
+                        samples / (time.perf_counter() - t0))
 
 
-def _report(model, tok, optimizer, scheduler, state, c, rank, loss, rate, Checkpoint) -> None:
-    import ray.train
-
+def _report(session, model, tok, optimizer, scheduler, state, c, loss, rate) -> None:
     metrics = {"step": state["step"], "epoch": state["epoch"], "loss": loss,
                "samples_per_s": rate, "resumed_from_step": state["resumed_from_step"],
                "history": list(state["history"]), "torch_threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory(prefix="evoray-ckpt-") as tmp:
-        checkpoint = None
-        if rank == 0:
+        folder = None
+        if session.rank == 0:
             save_checkpoint(tmp, model, tok, optimizer, scheduler, state, c)
             if state["step"] == c["total_steps"] and c.get("out"):
                 from evoray.train.adapter import upload_dir
 
                 upload_dir(tmp, c["out"])
-            checkpoint = Checkpoint.from_directory(tmp)
-        if c.get("rows") is not None:
-            checkpoint = None  # local mode keeps no copy of it once the folder is gone
-        ray.train.report(metrics, checkpoint=checkpoint)
+            folder = tmp
+        session.report(metrics, folder)

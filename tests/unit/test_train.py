@@ -1,4 +1,4 @@
-"""Training in-process (Ray Train local mode, ``num_workers=0``): outputs, learning, determinism,
+"""Training in-process (local mode, ``num_workers=0``: no Ray): outputs, learning, determinism,
 the Adam state the features stage reads, continuing an adapter, and bad input."""
 
 import json
@@ -64,6 +64,36 @@ def test_training_is_deterministic(task, trained, tmp_path):
     b = load_file(os.path.join(again.adapter, "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert again.history == trained.history
+
+
+def test_on_checkpoint_sees_every_epoch(task, trained, tmp_path):
+    """Local mode hands each epoch's checkpoint folder to ``on_checkpoint`` while it exists; the
+    last one is the trained adapter. With a constant learning rate, epoch 1 of a 2-epoch run is
+    exactly a 1-epoch run: what lets the quality benchmark score every epoch count of its recipe
+    from one training."""
+    seen = []
+
+    def keep(folder, metrics):
+        seen.append((metrics["step"], metrics["epoch"],
+                     load_file(os.path.join(folder, "adapter_model.safetensors"))))
+
+    train(task["small"], "tiny-llama", cfg=TrainConfig(**CFG), out=str(tmp_path / "a"),
+          on_checkpoint=keep)
+    assert [(s, e) for s, e, _ in seen] == [(3, 1), (6, 2)]
+    final = load_file(os.path.join(trained.adapter, "adapter_model.safetensors"))
+    assert all(torch.equal(seen[-1][2][k], final[k]) for k in final)
+    const = {**CFG, "max_steps": None, "schedule": "constant"}
+    two, one = [], []
+    train(task["small"], "tiny-llama", cfg=TrainConfig(**const, epochs=2), out=str(tmp_path / "b"),
+          on_checkpoint=lambda f, m: two.append(load_file(f"{f}/adapter_model.safetensors")))
+    train(task["small"], "tiny-llama", cfg=TrainConfig(**const, epochs=1), out=str(tmp_path / "c"),
+          on_checkpoint=lambda f, m: one.append(load_file(f"{f}/adapter_model.safetensors")))
+    assert len(two) == 2 and len(one) == 1
+    assert all(torch.equal(two[0][k], one[0][k]) for k in one[0])
+    assert not all(torch.equal(two[1][k], one[0][k]) for k in one[0])
+    with pytest.raises(TrainError, match="on_checkpoint needs local mode"):
+        train(task["small"], "tiny-llama", cfg=TrainConfig(**{**CFG, "num_workers": 1}),
+              out=str(tmp_path / "d"), on_checkpoint=keep)
 
 
 def test_features_read_the_adam_state(task, trained):

@@ -1,0 +1,182 @@
+"""Choosing the downstream training recipe: dev accuracy of clean-only training, epoch by epoch.
+
+    python benchmarks/recipe.py --recipes const-1e-3 --seeds 0,1 --jobs 2   # 2 trainings at once
+    python benchmarks/recipe.py --report                                     # tables only
+
+The quality benchmark's downstream layer (``benchmarks/quality.py``) can only tell selectors apart
+if its training recipe learns reliably. This script chooses that recipe fairly: every cell trains
+on the **clean oracle's** selection at ratio 0.1 (``oracle_clean``: random among candidates with
+a right label, one per question, drawn with the cell's seed, which is also the training seed)
+from the quality benchmark's cleaned ``lookup`` pools (``write_task('lookup', seed=0)``, presets
+``weak`` and ``strong``), and scores the adapter on the task's 200 **dev** questions after the
+epochs listed in the recipe, never on test. A recipe with a constant learning rate (no warm-up,
+no decay) is read at several epoch counts from one training: its state after epoch ``e`` is
+exactly that of an ``e``-epoch training (``tests/unit/test_train.py`` checks this).
+
+Recipes marked ``diagnosis`` reproduce the earlier benchmark's settings (8 epochs, linear decay)
+to find out why its clean-only cells spread; only they also score the final adapter on test, to
+compare with the earlier test figures.
+
+Cells go to ``benchmarks/results/recipe.json`` as they finish (a rerun resumes; ``--force``
+recomputes); ``--jobs 2`` runs two 1-thread trainings at once (both cores of a 2-core machine).
+The table goes to ``benchmarks/results/recipe.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# Appended after the standard library, so benchmarks/select.py cannot shadow `select`.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
+
+import argparse  # noqa: E402
+import concurrent.futures as cf  # noqa: E402
+import multiprocessing  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import quality  # noqa: E402
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BASE = {"lr": 1e-3, "batch_size": 8, "max_length": 96, "lora_r": 16, "lora_alpha": 32.0,
+        "target_modules": ALL, "warmup_ratio": 0.0, "schedule": "constant", "lora_dropout": 0.0}
+# name -> TrainConfig settings, the epochs at which dev is scored, and whether it is a diagnosis
+RECIPES = {
+    "const-1e-3": {"train": {**BASE, "epochs": 16}, "score": [4, 6, 8, 10, 12, 14, 16]},
+    "const-2e-3": {"train": {**BASE, "lr": 2e-3, "epochs": 16}, "score": [4, 6, 8, 10, 12, 14, 16]},
+    "bench-8": {"train": {**quality.TRAIN_V1}, "score": [2, 4, 6, 8], "diagnosis": True},
+}
+
+
+def cell_key(gen: str, recipe: str, seed: int, threads: int) -> str:
+    return f"recipe|lookup|{gen}|{recipe}|{seed}|t{threads}"
+
+
+def run_cell(work: str, pool_size: int, model: str, gen: str, recipe: str, seed: int,
+             threads: int) -> dict:
+    """One training (in a worker process) and its dev scores; see the module docstring."""
+    import torch
+
+    from evoray.config import TrainConfig
+    from evoray.data import write_records
+    from evoray.train import evaluate, train
+
+    torch.set_num_threads(threads)
+    t_start = time.perf_counter()
+    spec = RECIPES[recipe]
+    data = quality.task_files(work, "lookup", gen, pool_size)
+    rows = quality.oracle_rows(data["pool_records"], "oracle_clean", "lookup", 0.1, seed)
+    picks = [data["pool_records"][i] for i in rows]
+    folder = os.path.join(work, "recipe", gen, recipe, f"{seed}-t{threads}")
+    os.makedirs(folder, exist_ok=True)
+    write_records(picks, f"{folder}/selected.jsonl", "candidate")
+    dev, t0 = {}, time.perf_counter()
+
+    def score(ckpt: str, metrics: dict) -> None:
+        if metrics["epoch"] in spec["score"] and metrics["step"] % per_epoch == 0:
+            m = evaluate(model, ckpt, data["dev"], max_length=96)
+            dev[str(metrics["epoch"])] = {"accuracy": m["accuracy"], "loss": m["loss"],
+                                          "train_loss": metrics["loss"],
+                                          "seconds": round(time.perf_counter() - t0, 1)}
+            print(f"[recipe] {gen} {recipe} seed {seed} t{threads} epoch {metrics['epoch']}: "
+                  f"dev {m['accuracy']:.3f}", flush=True)
+
+    per_epoch = -(-len(picks) // spec["train"]["batch_size"])
+    cfg = TrainConfig(**spec["train"], seed=seed)
+    res = train(f"{folder}/selected.jsonl", model, cfg=cfg, out=f"{folder}/adapter",
+                on_checkpoint=score)
+    row = {"gen": gen, "recipe": recipe, "seed": seed, "threads": threads,
+           "train": spec["train"], "dev": dev, "examples": res.n_examples,
+           "final_train_loss": float(res.history[-1])}
+    if spec.get("diagnosis"):
+        m = evaluate(model, res.adapter, data["test"], max_length=96)
+        row["test_accuracy"] = m["accuracy"]
+    row["seconds"] = round(time.perf_counter() - t_start, 1)
+    return row
+
+
+def _sd(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else float("nan")
+
+
+def report(rows: dict) -> str:
+    out = ["# Choosing the downstream recipe (dev only)", "",
+           "Clean-only training (`oracle_clean`, ratio 0.1, lookup, SmolLM2-135M), dev accuracy "
+           "on 200 questions after each listed epoch; mean ± s.d. over seeds (each seed draws "
+           "its own clean picks and trains with that seed), then each seed's figure. Written by "
+           "`benchmarks/recipe.py` from `recipe.json`.", ""]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows.values():
+        groups.setdefault((r["recipe"], r["threads"], r["gen"]), []).append(r)
+    for (recipe, threads, gen), rs in sorted(groups.items()):
+        rs.sort(key=lambda r: r["seed"])
+        t = rs[0]["train"]
+        out += [f"### {recipe}, {gen} pool, {threads} torch thread(s)", "",
+                "Settings: " + ", ".join(f"{k}={v}" for k, v in sorted(t.items())
+                                         if k != "target_modules")
+                + f", LoRA on {len(t['target_modules'])} projections.", "",
+                "| epochs | mean ± s.d. | " + " | ".join(f"seed {r['seed']}" for r in rs) + " |",
+                "|---" * (len(rs) + 2) + "|"]
+        epochs = sorted({int(e) for r in rs for e in r["dev"]})
+        for e in epochs:
+            accs = [r["dev"].get(str(e), {}).get("accuracy") for r in rs]
+            have = [a for a in accs if a is not None]
+            out.append(f"| {e} | {statistics.mean(have):.3f} ± {_sd(have):.3f} | " + " | ".join(
+                "–" if a is None else f"{a:.3f}" for a in accs) + " |")
+        if any("test_accuracy" in r for r in rs):
+            out.append("| test (final) | | " + " | ".join(
+                f"{r['test_accuracy']:.3f}" if "test_accuracy" in r else "–" for r in rs) + " |")
+        minutes = [r["seconds"] / 60 for r in rs if "seconds" in r]
+        out += ["", f"Minutes per cell (training and dev scoring): "
+                f"{statistics.mean(minutes):.1f}." if minutes else "", ""]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipes", default="const-1e-3",
+                    help=f"comma-separated: {', '.join(RECIPES)}")
+    ap.add_argument("--generators", default="strong,weak")
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per training")
+    ap.add_argument("--jobs", type=int, default=2, help="trainings at once")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--pool-size", type=int, default=2000)
+    ap.add_argument("--work", default=os.path.join("runs", "quality"))
+    ap.add_argument("--results", default=os.path.join(_HERE, "results", "recipe.json"))
+    ap.add_argument("--report", action="store_true", help="only rewrite the table")
+    ap.add_argument("--force", action="store_true")
+    a = ap.parse_args(argv)
+    unknown = sorted(set(a.recipes.split(",")) - set(RECIPES))
+    if unknown:
+        ap.error(f"--recipes: unknown {', '.join(unknown)} (valid: {', '.join(RECIPES)})")
+    import torch
+
+    hardware = f"CPU only, {os.cpu_count()} cores ({platform.machine()}), torch {torch.__version__}"
+    cells = quality.Cells(a.results, a.force, " ".join(["python benchmarks/recipe.py", *argv])
+                          + f"  ({time.strftime('%Y-%m-%d')}, {hardware})")
+    todo = [(g, r, int(s)) for r in a.recipes.split(",") for s in a.seeds.split(",")
+            for g in a.generators.split(",")
+            if a.force or cell_key(g, r, int(s), a.threads) not in cells.rows]
+    if not a.report and todo:
+        for g in sorted({g for g, _, _ in todo}):  # pools written once, before the workers
+            quality.task_files(a.work, "lookup", g, a.pool_size)
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(a.jobs, mp_context=ctx) as pool:
+            futures = {pool.submit(run_cell, a.work, a.pool_size, a.model, g, r, s, a.threads):
+                       (g, r, s) for g, r, s in todo}
+            for fut in cf.as_completed(futures):
+                g, r, s = futures[fut]
+                cells.put(cell_key(g, r, s, a.threads), fut.result())
+                with open(a.results.replace(".json", ".md"), "w") as f:
+                    f.write(report(cells.rows))
+    with open(a.results.replace(".json", ".md"), "w") as f:
+        f.write(report(cells.rows))
+
+
+if __name__ == "__main__":
+    main()
