@@ -45,8 +45,8 @@ BASE = {"lr": 1e-3, "batch_size": 8, "max_length": 96, "lora_r": 16, "lora_alpha
         "target_modules": ALL, "warmup_ratio": 0.0, "schedule": "constant", "lora_dropout": 0.0}
 # name -> TrainConfig settings, the epochs at which dev is scored, and whether it is a diagnosis
 RECIPES = {
-    "const-1e-3": {"train": {**BASE, "epochs": 16}, "score": [4, 6, 8, 10, 12, 14, 16]},
-    "const-2e-3": {"train": {**BASE, "lr": 2e-3, "epochs": 16}, "score": [4, 6, 8, 10, 12, 14, 16]},
+    "const-1e-3": {"train": {**BASE, "epochs": 20}, "score": list(range(6, 21, 2))},
+    "const-2e-3": {"train": {**BASE, "lr": 2e-3, "epochs": 20}, "score": list(range(6, 21, 2))},
     "bench-8": {"train": {**quality.TRAIN_V1}, "score": [2, 4, 6, 8], "diagnosis": True},
 }
 
