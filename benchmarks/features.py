@@ -24,21 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-# Running a script puts its folder first on sys.path, where benchmarks/select.py would shadow the
-# standard library's `select` module (used by subprocess, asyncio, ...).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+import torch
 
-import torch  # noqa: E402
-
-from evoray.config import FeaturesConfig  # noqa: E402
-from evoray.features.extract import FeatureExtractor  # noqa: E402
-from evoray.features.grads import lora_pairs, reference_gradients  # noqa: E402
-from evoray.features.projection import ROWS  # noqa: E402
-from evoray.models import load_model  # noqa: E402
+from evoray.config import FeaturesConfig
+from evoray.features.extract import FeatureExtractor
+from evoray.features.grads import lora_pairs, reference_gradients
+from evoray.features.projection import ROWS
+from evoray.models import load_model
 
 RESULTS = Path(__file__).parent / "results" / "features.json"
 BATCH = {"tiny-llama": 128, "tiny-gpt2": 128, "smollm2-135m": 32}

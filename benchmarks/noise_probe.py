@@ -14,21 +14,16 @@ stops the model from learning (README "Results").
 
 import argparse
 import json
-import os
-import sys
 import time
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]  # benchmarks/select.py
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from evoray.config import TrainConfig  # noqa: E402
-from evoray.data import collate, encode_pairs  # noqa: E402
-from evoray.models import load_model  # noqa: E402
-from evoray.train.adapter import fresh_adapter  # noqa: E402
-from evoray.train.evaluate import evaluate_model  # noqa: E402
+from evoray.config import TrainConfig
+from evoray.data import collate, encode_pairs
+from evoray.models import load_model
+from evoray.train.adapter import fresh_adapter
+from evoray.train.evaluate import evaluate_model
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

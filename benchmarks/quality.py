@@ -47,7 +47,6 @@ import time
 import numpy as np
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]  # benchmarks/select.py
 
 SELECTORS = ("random", "attribution", "diversity", "attr_div", "tsds", "evoselect")
 ORACLES = ("oracle_on_task", "oracle_clean")

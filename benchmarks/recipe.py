@@ -24,21 +24,18 @@ The table goes to ``benchmarks/results/recipe.md``.
 
 from __future__ import annotations
 
+import argparse
+import concurrent.futures as cf
+import multiprocessing
 import os
+import platform
+import statistics
 import sys
+import time
+
+import quality
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-# Appended after the standard library, so benchmarks/select.py cannot shadow `select`.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
-
-import argparse  # noqa: E402
-import concurrent.futures as cf  # noqa: E402
-import multiprocessing  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-
-import quality  # noqa: E402
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BASE = {"lr": 1e-3, "batch_size": 8, "max_length": 96, "lora_r": 16, "lora_alpha": 32.0,

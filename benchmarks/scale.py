@@ -29,27 +29,22 @@ and ``benchmarks/results/scale.md``.
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
-
-# Running a script puts its folder first on sys.path, where benchmarks/select.py would shadow the
-# standard library's `select` module (used by subprocess, asyncio, ...): take it off first.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
 
 # A hermetic local benchmark: no token file to write or read (Ray 2.60 enables token auth).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-import psutil  # noqa: E402
+import psutil
 
 RESULTS = Path(__file__).parent / "results"
 GiB = 1024**3

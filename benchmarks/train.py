@@ -25,21 +25,14 @@ recorded in the appended row.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-import sys
-
-# benchmarks/select.py is named like the standard library's `select`: take this folder off the
-# import path before anything imports `subprocess`.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections import Counter  # noqa: E402
+import platform
+import statistics
+import tempfile
+import time
+from collections import Counter
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "train.json")
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -11,15 +11,8 @@ loop fails, and ``ray job submit`` reports the job as failed.
 
 from __future__ import annotations
 
-import os
-import sys
-
-# This folder holds select.py, which would shadow the standard library's `select` (imported by
-# subprocess and asyncio) for any script run from here: take the folder off the import path.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(
-    os.path.abspath(__file__))]
-
 import argparse
+import sys
 
 from evoray.cli import main as evoray_main
 

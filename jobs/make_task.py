@@ -9,13 +9,7 @@ multi-node cluster, since the job's driver may run on any node.
 
 from __future__ import annotations
 
-import os
 import sys
-
-# This folder holds select.py, which would shadow the standard library's `select` (imported by
-# subprocess and asyncio) for any script run from here: take the folder off the import path.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(
-    os.path.abspath(__file__))]
 
 import ray
 

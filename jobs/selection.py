@@ -1,7 +1,7 @@
 """Ray job: select a budget of candidates from features already computed (``evoray select``).
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/select.py --features s3://b/run/round_01/features/pool \
+        python jobs/selection.py --features s3://b/run/round_01/features/pool \
             --targets s3://b/run/round_01/features/targets --pool s3://b/run/round_01/clean.jsonl \
             --out s3://b/selections/ratio05 --ratio 0.05 [--method tsds] [--config job.yaml]
 
@@ -11,13 +11,7 @@ cluster.yaml's layout), which needs memory for the features: N x dim x 4 bytes.
 
 from __future__ import annotations
 
-import os
 import sys
-
-# This folder holds select.py, which would shadow the standard library's `select` (imported by
-# subprocess and asyncio) for any script run from here: take the folder off the import path.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(
-    os.path.abspath(__file__))]
 
 from evoray.cli import main as evoray_main
 

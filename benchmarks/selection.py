@@ -1,8 +1,8 @@
 """Selection benchmark: time and peak RSS of every selector at N = 10k, 100k, 1M candidates.
 
-    python benchmarks/select.py                       # all methods, all sizes (resumable)
-    python benchmarks/select.py --sizes 10k,100k --methods evoselect,tsds
-    python benchmarks/select.py --overlap             # dense vs faiss-kNN novelty at 10k
+    python benchmarks/selection.py                       # all methods, all sizes (resumable)
+    python benchmarks/selection.py --sizes 10k,100k --methods evoselect,tsds
+    python benchmarks/selection.py --overlap             # dense vs faiss-kNN novelty at 10k
 
 Features are a seeded Gaussian mixture (50 components, targets from 5 of them), M = 500,
 d = 1024, ratio 0.1; stored as float16 from 1M rows (float32 below). Each (method, N) cell runs
@@ -15,21 +15,15 @@ projection instead of being run; one that runs past the limit is stopped and rec
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import resource
+import subprocess
 import sys
+import time
 
-# This file is named like the standard library's `select` module, which `subprocess` imports:
-# take the script's own folder off the import path first.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "select.json")
 METHODS = ("random", "attribution", "diversity", "attr_div", "tsds", "evoselect")
