@@ -31,8 +31,9 @@ import torch
 
 from evoray.config import FeaturesConfig
 from evoray.features.extract import FeatureExtractor
-from evoray.features.grads import lora_pairs, reference_gradients
+from evoray.features.grads import reference_gradients
 from evoray.features.projection import ROWS
+from evoray.lora import lora_pairs
 from evoray.models import load_model
 
 RESULTS = Path(__file__).parent / "results" / "features.json"

@@ -21,8 +21,8 @@ import torch
 
 from evoray.config import TrainConfig
 from evoray.data import collate, encode_pairs
+from evoray.lora import fresh_adapter
 from evoray.models import load_model
-from evoray.train.adapter import fresh_adapter
 from evoray.train.evaluate import evaluate_model
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

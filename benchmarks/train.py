@@ -54,8 +54,8 @@ def plain_loop(path: str, model_spec: str, cfg, steps: int) -> float:
     import torch
 
     from evoray.data import collate, encode_pairs, read_records
+    from evoray.lora import fresh_adapter
     from evoray.models import load_model
-    from evoray.train.adapter import fresh_adapter
 
     torch.manual_seed(cfg.seed)
     model, tok = load_model(model_spec)

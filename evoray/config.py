@@ -441,9 +441,9 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     """
     data: dict = {}
     if path is not None:
-        from evoray.data.io import _read_bytes
+        from evoray.storage import read_bytes
 
-        text = _read_bytes(path).decode("utf-8", errors="replace")
+        text = read_bytes(path).decode("utf-8", errors="replace")
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:

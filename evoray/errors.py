@@ -62,3 +62,7 @@ def did_you_mean(name: str, valid: Iterable[str]) -> str:
 class TrainError(EvorayError, ValueError):
     """Training or evaluation cannot run on these inputs (no example left, fewer examples than
     workers, a test answer not among its choices)."""
+
+
+class FeatureError(EvorayError, ValueError):
+    """A sample whose loss or gradient is not finite, or features that cannot be computed."""

@@ -60,16 +60,10 @@ import time
 from datetime import UTC, datetime
 
 from evoray.config import Config, config_to_dict
-from evoray.data.io import (
-    _read_bytes,
-    atomic_write_bytes,
-    detect_format,
-    exists,
-    resolve,
-    write_records,
-)
+from evoray.data.io import detect_format, write_records
 from evoray.data.records import validate_record
 from evoray.errors import EvorayError, RecordError
+from evoray.storage import atomic_write_bytes, exists, read_bytes, resolve
 
 __all__ = ["evolve", "clean_pool", "normal_text", "Manifest", "round_dir", "FAIL_ENV", "KILL_ENV",
            "KINDS"]
@@ -92,7 +86,7 @@ def _digest(*parts) -> str:
 
 
 def _file_digest(path: str | None) -> str | None:
-    return hashlib.sha256(_read_bytes(path)).hexdigest() if path else None
+    return hashlib.sha256(read_bytes(path)).hexdigest() if path else None
 
 
 def _temporaries(run_dir: str) -> list:
@@ -159,7 +153,7 @@ class Manifest:
         self.data = {"version": 1, "config": None, "stages": {}}
         if exists(self.path):
             try:
-                self.data = json.loads(_read_bytes(self.path))
+                self.data = json.loads(read_bytes(self.path))
             except json.JSONDecodeError as e:
                 raise EvorayError(f"{self.path}: not valid JSON ({e.msg}, line {e.lineno}); "
                                   "move it away to start the run afresh") from None
@@ -209,7 +203,7 @@ def normal_text(text: str) -> str:
 def _raw_records(path: str) -> tuple[list[tuple[object, int]], int]:
     """Every record of a JSONL or Parquet file with its line/row, and the count of lines that are
     not JSON at all (those are dropped as invalid)."""
-    data = _read_bytes(path)
+    data = read_bytes(path)
     if detect_format(path) == "jsonl":
         out, bad = [], 0
         for n, raw in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
@@ -479,7 +473,7 @@ class _Loop:
         replay = (prev["replay_digests"] if prev else []) + [sel_digest]
         return {"adapter": adapter, "train_digest": train_digest, "generate_digest": gen_digest,
                 "replay_digests": replay,
-                "metrics": json.loads(_read_bytes(metrics_path))}
+                "metrics": json.loads(read_bytes(metrics_path))}
 
     def base(self, files: dict) -> dict | None:
         if not files["test"]:
@@ -496,7 +490,7 @@ class _Loop:
             return {"accuracy": round(m["accuracy"], 4), "loss": round(m["loss"], 4)}
 
         self.stage("base/evaluate", [self.cfg.model, files["test_hash"]], [path], do_evaluate)
-        return json.loads(_read_bytes(path))
+        return json.loads(read_bytes(path))
 
 
 def format_table(rows: list[dict]) -> str:

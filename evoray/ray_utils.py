@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
+from evoray.errors import EvorayError
+
 # Whether Ray Data's console shows the errors (with tracebacks) it logs before raising them. The
 # CLI turns this off unless --debug: it prints evoray's own error in one line, and the session's
 # ray-data.log keeps Ray's copy.
@@ -69,3 +71,14 @@ def quiet_ray_data() -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def unwrap_error(e: BaseException) -> BaseException:
+    """The error a Ray task or actor raised, out of Ray's wrappers (``RayTaskError(X)`` keeps the
+    original ``X`` in ``cause``)."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        return unwrap_error(cause)
+    if e.__cause__ is not None and not isinstance(e, EvorayError):
+        return unwrap_error(e.__cause__)
+    return e

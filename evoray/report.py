@@ -2,7 +2,7 @@
 
 Reads what the round loop wrote (``manifest.json``, ``base/metrics.json``, ``round_NN/...``) and
 writes ``report.md`` and ``plots/*.png`` beside it (or under ``out``). Paths may be local or
-pyarrow URIs (``s3://``...): files are read through :func:`evoray.data.io.resolve` and written with
+pyarrow URIs (``s3://``...): files are read through :func:`evoray.storage.resolve` and written with
 :func:`evoray.data.io.atomic_write_bytes`; figures are drawn on ``matplotlib.figure.Figure`` with
 the Agg canvas and rendered to memory, so no pyplot state is shared between calls.
 
@@ -30,8 +30,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from evoray.data.features import read_features
-from evoray.data.io import _read_bytes, atomic_write_bytes, resolve
 from evoray.errors import EvorayError, RecordError
+from evoray.storage import atomic_write_bytes, read_bytes, resolve
 from evoray.tasks import KINDS as MIX_KINDS
 
 __all__ = ["RoundInfo", "RunInfo", "load_run", "round_table", "write_report", "main_score",
@@ -95,7 +95,7 @@ def _json(path: str) -> dict | None:
     if _kind(path) != pafs.FileType.File:
         return None
     try:
-        return json.loads(_read_bytes(path))
+        return json.loads(read_bytes(path))
     except json.JSONDecodeError as e:
         raise RecordError(path, f"malformed JSON: {e.msg}", line=e.lineno) from None
 
@@ -104,7 +104,7 @@ def _jsonl_kinds(path: str) -> tuple[int, dict | None]:
     """Record count of a JSONL file and its shares by ``meta.kind`` (None without meta.kind)."""
     counts: dict[str, int] = {}
     n = 0
-    for number, line in enumerate(_read_bytes(path).decode("utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_bytes(path).decode("utf-8").splitlines(), start=1):
         if line.strip():
             n += 1
             try:

@@ -239,10 +239,10 @@ def prepare_shared(cfg: Config, shared: str, *, say=print) -> dict[str, str | No
             would no longer match); naming the stage.
     """
     from evoray.data import read_records, write_records
-    from evoray.data.io import _read_bytes, atomic_write_bytes
     from evoray.evolve import Manifest, clean_pool, normal_text
-    from evoray.features.stage import _NOT_HASHED, featurize
+    from evoray.features.stage import featurize, value_settings
     from evoray.generate import RoundContext, make_generator
+    from evoray.storage import atomic_write_bytes, read_bytes
 
     m, ev, sw = Manifest(shared), cfg.evolve, cfg.sweep
     p = {"targets": f"{shared}/task/targets.jsonl", "dev": f"{shared}/task/dev.jsonl",
@@ -288,7 +288,7 @@ def prepare_shared(cfg: Config, shared: str, *, say=print) -> dict[str, str | No
 
     files = [ev.targets, ev.dev, ev.test]
     task_d = stage("task", [ev.task, cfg.seed, sw.dev_size, sw.test_size,
-                            [hashlib.sha256(_read_bytes(f)).hexdigest() if f else None
+                            [hashlib.sha256(read_bytes(f)).hexdigest() if f else None
                              for f in files]],
                    [p["targets"], p["dev"], p["prompts"]], task)
     if m.stages["task"]["stats"]["test"] == 0:
@@ -303,7 +303,7 @@ def prepare_shared(cfg: Config, shared: str, *, say=print) -> dict[str, str | No
 
     gen_d = stage("generate", [config_to_dict(gen), ev.task, cfg.seed, cfg.model, task_d],
                   [p["pool"]], generate)
-    prompts = set(json.loads(_read_bytes(p["prompts"])))
+    prompts = set(json.loads(read_bytes(p["prompts"])))
     clean_d = stage("clean", [gen_d, task_d], [p["clean"]],
                     lambda: clean_pool(p["pool"], p["clean"], prompts))
 
@@ -315,7 +315,7 @@ def prepare_shared(cfg: Config, shared: str, *, say=print) -> dict[str, str | No
         return {"proxy": "base + fresh LoRA"}
 
     # placement-only settings (actors, CPUs, batch size) are left out, as featurize does
-    settings = {k: v for k, v in config_to_dict(cfg.features).items() if k not in _NOT_HASHED}
+    settings = value_settings(cfg.features)
     stage("features", [clean_d, task_d, cfg.model, settings],
           [f"{p['features_pool']}/meta.json", f"{p['features_targets']}/meta.json"], features)
     return p
@@ -326,8 +326,8 @@ def prepare_shared(cfg: Config, shared: str, *, say=print) -> dict[str, str | No
 def _scores(cfg: Config, paths: dict, adapter: str) -> dict:
     """Dev (and test) accuracy and response loss of base + ``adapter``, model loaded once."""
     from evoray.data import read_records
+    from evoray.lora import load_with_adapter
     from evoray.train import evaluate_model
-    from evoray.train.adapter import load_with_adapter
 
     t0 = time.perf_counter()
     model, tok = load_with_adapter(cfg.model, adapter, cache_dir=cfg.cache_dir)
@@ -352,10 +352,10 @@ def _mix(records: list[dict]) -> dict:
 def _note_attempt(tdir: str, resumed_epoch: int | None) -> None:
     """Append this start of the trial to ``attempts.json`` (tests read it: a finished trial is
     never started again by ``--resume``)."""
-    from evoray.data.io import _read_bytes, atomic_write_bytes, exists
+    from evoray.storage import atomic_write_bytes, exists, read_bytes
 
     path = f"{tdir}/attempts.json"
-    seen = json.loads(_read_bytes(path)) if exists(path) else []
+    seen = json.loads(read_bytes(path)) if exists(path) else []
     seen.append({"started": datetime.now(UTC).isoformat(timespec="seconds"),
                  "resumed_from_epoch": resumed_epoch, "pid": os.getpid()})
     atomic_write_bytes(path, json.dumps(seen, indent=1).encode())
@@ -610,8 +610,8 @@ def sweep(cfg: Config, *, resume: bool = False, say=print) -> dict:
         SweepInterrupted: the driver was stopped before every trial finished.
         EvorayError: a sweep exists there without ``resume``, or ``resume`` with another config.
     """
-    from evoray.data.io import exists
     from evoray.evolve import Manifest
+    from evoray.storage import exists
     from evoray.tune_report import collect, write_outputs
 
     t0 = time.perf_counter()

@@ -33,7 +33,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from evoray.config import Config, apply_override, dump_config
-from evoray.data.io import atomic_write_bytes
+from evoray.storage import atomic_write_bytes
 
 __all__ = ["collect", "write_outputs", "best_row", "pivot", "pivot_table"]
 

@@ -2,12 +2,9 @@
 
 from evoray.data.io import (
     FORMATS,
-    atomic_write_bytes,
     detect_format,
-    exists,
     read_dataset,
     read_records,
-    resolve,
     write_dataset,
     write_records,
 )
@@ -15,7 +12,7 @@ from evoray.data.records import KINDS, validate_record, validate_records
 from evoray.data.tokenize import Encoded, collate, encode_pair, encode_pairs
 
 __all__ = [
-    "FORMATS", "KINDS", "Encoded", "atomic_write_bytes", "collate", "detect_format", "encode_pair",
-    "encode_pairs", "exists", "read_dataset", "read_records", "resolve", "validate_record",
-    "validate_records", "write_dataset", "write_records",
+    "FORMATS", "KINDS", "Encoded", "collate", "detect_format", "encode_pair", "encode_pairs",
+    "read_dataset", "read_records", "validate_record", "validate_records", "write_dataset",
+    "write_records",
 ]

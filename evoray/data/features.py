@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from evoray.data.io import resolve, with_path
 from evoray.errors import RecordError
+from evoray.storage import resolve, with_path
 
 __all__ = ["Features", "META_FILE", "features_table", "read_features", "read_features_meta",
            "write_features"]

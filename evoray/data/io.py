@@ -26,29 +26,18 @@ import pyarrow.parquet as pq
 
 from evoray.data.records import KINDS, validate_record, validate_records
 from evoray.errors import RecordError, did_you_mean
+from evoray.storage import atomic_write_bytes, read_bytes, resolve
 
 if TYPE_CHECKING:
     import ray.data
 
-__all__ = ["FORMATS", "detect_format", "resolve", "read_records", "write_records",
-           "read_dataset", "write_dataset", "atomic_write_bytes", "exists"]
+__all__ = ["FORMATS", "detect_format", "read_records", "write_records", "read_dataset",
+           "write_dataset", "parse_jsonl"]
 
 FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
 # A record is a training sample, not a document: a JSONL line beyond this is refused (a runaway
 # generator or a broken file), which also bounds what a reader must hold to judge one line.
 MAX_LINE_CHARS = 1 << 20
-
-
-def resolve(path: str) -> tuple[pafs.FileSystem, str]:
-    """Return ``(filesystem, path inside it)`` for a local path or a URI (``s3://``, ``gs://``...)."""
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
-def exists(path: str) -> bool:
-    fs, p = resolve(path)
-    return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
 def detect_format(path: str) -> str:
@@ -60,18 +49,7 @@ def detect_format(path: str) -> str:
     return FORMATS[ext]
 
 
-def _read_bytes(path: str) -> bytes:
-    fs, p = resolve(path)
-    info = fs.get_file_info(p)
-    if info.type == pafs.FileType.NotFound:
-        raise RecordError(path, "no such file")
-    if info.type == pafs.FileType.Directory:
-        raise RecordError(path, "is a directory; expected a .jsonl or .parquet file")
-    with fs.open_input_stream(p) as f:
-        return f.read()
-
-
-def _parse_jsonl(path: str, data: bytes) -> tuple[list, list[int]]:
+def parse_jsonl(path: str, data: bytes) -> tuple[list, list[int]]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -103,9 +81,9 @@ def read_records(path: str, kind: str) -> list[dict]:
         RecordError: naming the file, the line (JSONL) or 1-based row (Parquet), and the field.
     """
     fmt = detect_format(path)
-    data = _read_bytes(path)
+    data = read_bytes(path)
     if fmt == "jsonl":
-        records, lines = _parse_jsonl(path, data)
+        records, lines = parse_jsonl(path, data)
         return validate_records(records, kind, path=path, unit="line", positions=lines)
     try:
         table = pq.read_table(pa.BufferReader(data))
@@ -138,35 +116,6 @@ def _encode(records: list[dict], kind: str, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def with_path(e: BaseException, path: str) -> BaseException:
-    """``e``, or for an OSError that names no file (pyarrow's ``No space left on device``) an
-    OSError of the same errno that names ``path``, so the user learns where the write failed."""
-    if isinstance(e, OSError) and not e.filename:
-        reason = os.strerror(e.errno) if e.errno else str(e).split(". Detail:")[0]
-        return OSError(e.errno, reason, path)
-    return e
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to a temporary name beside ``path``, then rename it to ``path``."""
-    fs, p = resolve(path)
-    parent = os.path.dirname(p)
-    if parent:
-        fs.create_dir(parent, recursive=True)
-    tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        fs.move(tmp, p)
-    except BaseException as e:
-        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
-            fs.delete_file(tmp)
-        named = with_path(e, path)
-        if named is e:
-            raise
-        raise named from e
-
-
 def write_records(records: list[dict], path: str, kind: str) -> None:
     """Validate ``records`` and write them to ``path`` (format from the extension).
 
@@ -191,7 +140,7 @@ class _ParseJsonl:
     def __call__(self, batch: dict) -> dict:
         rows = []
         for data in batch["bytes"]:
-            records, lines = _parse_jsonl(self.path, bytes(data))
+            records, lines = parse_jsonl(self.path, bytes(data))
             rows += validate_records(records, self.kind, path=self.path, unit="line",
                                      positions=lines)
         return {c: [None if r.get(c) is None else r[c] if isinstance(r[c], str) else

@@ -46,7 +46,7 @@ class Encoded:
         return sum(1 for t in self.labels if t != IGNORE)
 
 
-def _special_prefix(tokenizer) -> list[int]:
+def special_prefix(tokenizer) -> list[int]:
     """Tokens the tokenizer puts before any text (e.g. ``[bos]``), found by probing."""
     plain = tokenizer("x", add_special_tokens=False)["input_ids"]
     full = tokenizer("x", add_special_tokens=True)["input_ids"]
@@ -62,7 +62,7 @@ def encode_pair(tokenizer, prompt: str, response: str, max_length: int, *, sep: 
         ResponseTooLong: when the response leaves no room for one prompt token.
     """
     if prefix is None:
-        prefix = _special_prefix(tokenizer)
+        prefix = special_prefix(tokenizer)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(sep + response, add_special_tokens=False)["input_ids"]
     if add_eos and tokenizer.eos_token_id is not None:
@@ -89,7 +89,7 @@ def encode_pairs(tokenizer, records: list[dict], max_length: int, *,
     """
     if on_overflow not in ("error", "skip"):
         raise ValueError(f"on_overflow must be 'error' or 'skip', got {on_overflow!r}")
-    prefix = _special_prefix(tokenizer)
+    prefix = special_prefix(tokenizer)
     encoded, skipped = [], []
     for rec in records:
         try:

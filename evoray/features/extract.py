@@ -11,63 +11,17 @@ import math
 import torch
 
 from evoray.config import FeaturesConfig
-from evoray.errors import EvorayError
-from evoray.features.grads import (
-    BatchedGradients,
-    adam_precondition,
-    attach_lora,
-    lora_pairs,
-    reference_gradients,
-)
+from evoray.errors import FeatureError
+from evoray.features.grads import BatchedGradients, adam_precondition, reference_gradients
 from evoray.features.projection import RademacherProjector
+from evoray.lora import attach_lora, load_adam_state
 
-__all__ = ["FeatureError", "FeatureExtractor", "default_dim", "load_adam_state",
-           "save_adam_state"]
-
-
-class FeatureError(EvorayError, ValueError):
-    """A sample whose loss or gradient is not finite, or features that cannot be computed."""
+__all__ = ["FeatureExtractor", "default_dim"]
 
 
 def default_dim(cfg: FeaturesConfig, device: str | torch.device) -> int:
     """``cfg.dim``, else 8192 on a GPU (LESS) and 1024 on a CPU."""
     return cfg.dim or (8192 if torch.device(device).type == "cuda" else 1024)
-
-
-def save_adam_state(optimizer: torch.optim.Optimizer, model, path: str) -> None:
-    """Save the Adam moments of every LoRA matrix as safetensors, the format the features stage
-    reads: keys ``<module>.lora_A.exp_avg``, ``.exp_avg_sq`` (and ``lora_B``)."""
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for pair in lora_pairs(model):
-        for key, w in zip(pair.names, (pair.A.weight, pair.B.weight), strict=False):
-            state = optimizer.state.get(w, {})
-            if "exp_avg" in state:
-                tensors[f"{key}.exp_avg"] = state["exp_avg"].detach().cpu().contiguous()
-                tensors[f"{key}.exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().contiguous()
-    if not tensors:
-        raise FeatureError("the optimizer holds no Adam state for the LoRA matrices")
-    save_file(tensors, path)
-
-
-def load_adam_state(path: str, model) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Read :func:`save_adam_state`'s file as ``(m, v)`` per LoRA matrix, in flattening order."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(path)
-    state = []
-    for pair in lora_pairs(model):
-        for key, w in zip(pair.names, (pair.A.weight, pair.B.weight), strict=False):
-            try:
-                m, v = tensors[f"{key}.exp_avg"], tensors[f"{key}.exp_avg_sq"]
-            except KeyError:
-                raise FeatureError(f"{path}: no Adam state for {key}") from None
-            if m.shape != w.shape:
-                raise FeatureError(f"{path}: Adam state of {key} is {tuple(m.shape)}, the "
-                                   f"adapter's matrix is {tuple(w.shape)}")
-            state.append((m, v))
-    return state
 
 
 class FeatureExtractor:

@@ -24,97 +24,15 @@ per sample) that tests and benchmarks compare against.
 
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from evoray.data.tokenize import IGNORE
-from evoray.errors import ModelError
+from evoray.lora import lora_pairs
 
-# transformers 5 deprecates an attribute that peft 0.21 still reads when it wraps a model: the
-# warning is about those two libraries, not the user's code.
-warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
-
-__all__ = ["LoraPair", "attach_lora", "lora_pairs", "per_sample_losses", "BatchedGradients",
-           "reference_gradients", "adam_precondition"]
-
-
-@dataclass
-class LoraPair:
-    """One LoRA-adapted linear: its name and its ``A`` (r×in) and ``B`` (out×r) linears."""
-
-    name: str
-    A: torch.nn.Linear
-    B: torch.nn.Linear
-
-    @property
-    def names(self) -> tuple[str, str]:
-        return f"{self.name}.lora_A", f"{self.name}.lora_B"
-
-
-def lora_config(model, *, r: int, alpha: float, target_modules):
-    """A fresh LoRA's peft config (dropout 0) for ``model``.
-
-    Raises:
-        ModelError: when a target module is not in the model, listing the linear layers it has.
-    """
-    from peft import LoraConfig
-
-    linears = {n.rsplit(".", 1)[-1]: type(m).__name__ for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"}
-    missing = [t for t in target_modules if t not in linears]
-    if missing:
-        raise ModelError(f"target modules {missing} are not in the model; its linear layers "
-                         f"are: {', '.join(sorted(linears))}")
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules),
-                      bias="none", task_type="CAUSAL_LM",
-                      # GPT-2's Conv1D stores its weight transposed
-                      fan_in_fan_out=any(linears[t] == "Conv1D" for t in target_modules))
-
-
-def attach_lora(model, *, r: int = 8, alpha: float = 32.0,
-                target_modules: list[str] | tuple[str, ...] = ("q_proj", "k_proj", "v_proj",
-                                                               "o_proj"),
-                adapter: str | None = None, seed: int = 0):
-    """Wrap ``model`` as a peft model with a fresh LoRA (dropout 0, ``B = 0``, ``A`` drawn from
-    ``seed``, so every actor builds the same proxy) or the adapter saved in the folder ``adapter``.
-    The base weights are frozen; the model is in eval mode.
-
-    Raises:
-        ModelError: when a target module is not in the model (the valid names are listed), or the
-            adapter folder cannot be loaded.
-    """
-    from peft import PeftModel, get_peft_model
-
-    if adapter is not None:
-        try:
-            peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
-        except (OSError, ValueError) as e:
-            raise ModelError(f"adapter {adapter!r} could not be loaded: "
-                             f"{str(e).splitlines()[0]}") from None
-    else:
-        config = lora_config(model, r=r, alpha=alpha, target_modules=target_modules)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            peft_model = get_peft_model(model, config)
-    for p in peft_model.parameters():
-        p.requires_grad_(False)
-    peft_model.eval()
-    return peft_model
-
-
-def lora_pairs(model) -> list[LoraPair]:
-    """The model's LoRA pairs in module order (this order fixes the gradient's flattening)."""
-    pairs = []
-    for name, module in model.named_modules():
-        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-            pairs.append(LoraPair(name, module.lora_A["default"], module.lora_B["default"]))
-    if not pairs:
-        raise ModelError("the model has no LoRA layers")
-    return pairs
+__all__ = ["per_sample_losses", "BatchedGradients", "reference_gradients", "adam_precondition"]
 
 
 def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -26,10 +26,10 @@ def tokenize_batch(batch: dict, model: str, max_length: int, cache_dir: str | No
     status)``; ``key`` is the content key, ``status`` is empty, or why the candidate cannot be
     used."""
     from evoray.data.records import content_key
-    from evoray.data.tokenize import _special_prefix, encode_pair
+    from evoray.data.tokenize import encode_pair, special_prefix
 
     tok = _tokenizer(model, cache_dir)
-    prefix = _special_prefix(tok)
+    prefix = special_prefix(tok)
     ids, toks, n_ctx, status, keys = [], [], [], [], []
     for i, p, r in zip(batch["id"], batch["prompt"], batch["response"], strict=True):
         ids.append(str(i))

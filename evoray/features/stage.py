@@ -41,13 +41,15 @@ import pyarrow.fs as pafs
 from evoray import __version__
 from evoray.config import FeaturesConfig, config_to_dict
 from evoray.data.features import META_FILE, features_table, read_features_meta
-from evoray.data.io import detect_format, exists, resolve
+from evoray.data.io import detect_format
 from evoray.errors import EvorayError, ModelError, RecordError
 from evoray.features.plan import assign_batch, plan_batches, tokenize_batch
+from evoray.ray_utils import unwrap_error
+from evoray.storage import exists, resolve
 
 log = logging.getLogger("evoray.features")
 
-__all__ = ["FEATURES_VERSION", "featurize", "input_hash"]
+__all__ = ["FEATURES_VERSION", "featurize", "input_hash", "value_settings"]
 
 # The version of how features are computed from the same inputs: part of ``input_hash`` and of
 # ``meta.json``, so that a change of the computation never reuses older features.
@@ -57,6 +59,12 @@ FEATURES_VERSION = 2
 # Settings that do not change a feature's value (only speed or placement).
 _NOT_HASHED = {"num_actors", "num_gpus", "num_cpus", "batch_size", "proj_block_mb",
                "proj_cache_mb", "on_bad"}
+
+
+def value_settings(cfg: FeaturesConfig) -> dict:
+    """The features settings that change a feature's value (not speed or placement): what a
+    cache key of features holds."""
+    return {k: v for k, v in config_to_dict(cfg).items() if k not in _NOT_HASHED}
 
 
 def _hash_path(h, path: str | None) -> None:
@@ -88,8 +96,7 @@ def input_hash(pool: str, model: str, adapter: str | None, adam_state: str | Non
         _hash_path(h, os.path.join(os.path.expanduser(model), "config.json"))
     _hash_path(h, adapter)
     _hash_path(h, adam_state)
-    settings = {k: v for k, v in config_to_dict(cfg).items() if k not in _NOT_HASHED}
-    h.update(json.dumps({**settings, "dim": dim, "version": __version__,
+    h.update(json.dumps({**value_settings(cfg), "dim": dim, "version": __version__,
                          "features_version": FEATURES_VERSION}, sort_keys=True).encode())
     return h.hexdigest()
 
@@ -154,17 +161,6 @@ class FeatureActor:
         return table.append_column("a_skipped", pa.array(np.full(len(ids), info["a_skipped"])))
 
 
-def _unwrap(e: BaseException) -> BaseException:
-    """The error a Ray task or actor raised, out of Ray's wrappers (``RayTaskError(X)`` keeps the
-    original ``X`` in ``cause``)."""
-    cause = getattr(e, "cause", None)
-    if isinstance(cause, BaseException):
-        return _unwrap(cause)
-    if e.__cause__ is not None and not isinstance(e, EvorayError):
-        return _unwrap(e.__cause__)
-    return e
-
-
 def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
               cfg: FeaturesConfig | None = None, *, out: str | None = None,
               kind: str = "candidate", adam_state: str | None = None,
@@ -178,7 +174,7 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
         cfg: features settings (``batch_size`` must be an int: it is Ray's batch size).
         out: output folder (default: ``<pool without extension>.features``).
         kind: record kind of the file.
-        adam_state: Adam moments (:func:`evoray.features.extract.save_adam_state`) to
+        adam_state: Adam moments (:func:`evoray.lora.save_adam_state`) to
             precondition with; refused for targets (ALGORITHMS.md §2).
         cache_dir: model cache.
         progress: show Ray Data's progress bars.
@@ -244,7 +240,7 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
             tokens = tokens.materialize()
             plan = tokens.select_columns(["id", "length", "key", "status"]).to_pandas()
         except Exception as e:  # a bad record, found by the tasks that read it
-            inner = _unwrap(e)
+            inner = unwrap_error(e)
             if isinstance(inner, EvorayError):
                 raise inner from None
             raise
@@ -317,7 +313,7 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
         try:
             write_folder_atomically(out, fill)
         except Exception as e:  # Ray wraps a UDF's error: surface evoray's own message
-            inner = _unwrap(e)
+            inner = unwrap_error(e)
             if isinstance(inner, EvorayError):
                 raise inner from None
             raise
@@ -338,9 +334,8 @@ def _lora_layers(model: str, cfg: FeaturesConfig, adapter: str | None,
     from peft import PeftConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from evoray.features.grads import lora_config, lora_pairs
+    from evoray.lora import check_adapter, localize, lora_config, lora_pairs
     from evoray.models import BUILTIN_MODELS, load_model, remote_code_allowed, smollm2_dir
-    from evoray.train.adapter import check_adapter, localize
 
     # the one-time GGUF conversion loads real weights, so it runs before the meta device is set
     source = str(smollm2_dir(cache_dir)) if model == "smollm2-135m" else model

@@ -99,8 +99,8 @@ def _preflight(model: str, adapter: str | None, cache_dir: str | None,
 
     from transformers import AutoConfig
 
+    from evoray.lora import META_FILE, fingerprint, read_meta
     from evoray.models import load_model, load_tokenizer, remote_code_allowed, smollm2_dir
-    from evoray.train.adapter import META_FILE, fingerprint, read_meta
 
     if model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(model)):
         raise ModelError(f"model {model!r}: no such directory; give a folder written by "
@@ -140,7 +140,7 @@ class GenActor:
                  num_cpus: float, num_gpus: float):
         import torch
 
-        from evoray.train.adapter import load_with_adapter
+        from evoray.lora import load_with_adapter
 
         self.device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
         if self.device == "cpu":  # a fixed thread count, so kernels (and bits) do not vary
@@ -211,7 +211,7 @@ class HFGenerator:
         import ray
         import ray.data
 
-        from evoray.features.stage import _unwrap
+        from evoray.ray_utils import unwrap_error
 
         cfg = self.cfg
         if not ray.is_initialized():
@@ -235,7 +235,7 @@ class HFGenerator:
         try:
             rows = sorted(gens.take_all(), key=lambda r: int(r["row"]))
         except Exception as e:  # Ray wraps an actor's error: surface evoray's own message
-            inner = _unwrap(e)
+            inner = unwrap_error(e)
             if isinstance(inner, EvorayError):
                 raise inner from None
             raise

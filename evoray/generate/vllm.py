@@ -154,7 +154,7 @@ class VLLMGenerator:
         import ray.data
         from ray.data.llm import build_processor
 
-        from evoray.features.stage import _unwrap
+        from evoray.ray_utils import unwrap_error
 
         cfg = self.cfg
         if not ray.is_initialized():
@@ -174,7 +174,7 @@ class VLLMGenerator:
         try:
             rows = sorted(processor(ds).take_all(), key=lambda r: int(r["row"]))
         except Exception as e:  # Ray wraps a stage's error: surface evoray's own message
-            inner = _unwrap(e)
+            inner = unwrap_error(e)
             if isinstance(inner, EvorayError):
                 raise inner from None
             raise

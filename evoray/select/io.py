@@ -11,16 +11,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from evoray.data.io import (
-    _parse_jsonl,
-    _read_bytes,
-    atomic_write_bytes,
-    detect_format,
-    write_records,
-)
+from evoray.data.io import detect_format, parse_jsonl, write_records
 from evoray.data.records import content_key, validate_records
 from evoray.errors import RecordError, SelectError
 from evoray.select.selection import Selection
+from evoray.storage import atomic_write_bytes, read_bytes
 
 __all__ = ["selection_table", "write_selection", "join_pool", "pool_records", "content_keys",
            "select_features", "select_files", "write_scores"]
@@ -86,7 +81,7 @@ def _pool_rows(path: str, wanted: set[str]) -> tuple[dict[str, dict], dict[str, 
     found: dict[str, dict] = {}
     keys: dict[str, int] = {}
     if fmt == "jsonl":
-        for rec in _parse_jsonl(path, _read_bytes(path))[0]:
+        for rec in parse_jsonl(path, read_bytes(path))[0]:
             if not isinstance(rec, dict):
                 continue  # a line that is not an object has no id: it cannot be selected
             rid = str(rec.get("id"))

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import json
 
-from evoray.data.io import atomic_write_bytes, write_records
+from evoray.data.io import write_records
+from evoray.storage import atomic_write_bytes
 from evoray.tasks.families import FAMILIES, LETTERS, Family, Question, to_prompt
 from evoray.tasks.simulate import (
     KINDS,

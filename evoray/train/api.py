@@ -71,7 +71,7 @@ def _rows(records_path: str, model_spec: str, cfg: TrainConfig, cache_dir: str |
 
 
 def _check_init_adapter(init_adapter: str, model_spec: str, cache_dir: str | None) -> None:
-    from evoray.train.adapter import load_with_adapter
+    from evoray.lora import load_with_adapter
 
     load_with_adapter(model_spec, init_adapter, cache_dir=cache_dir)
 

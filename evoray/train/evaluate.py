@@ -24,9 +24,9 @@ from collections import defaultdict
 
 import torch
 
-from evoray.data.tokenize import IGNORE, _special_prefix, collate, encode_pair
+from evoray.data.tokenize import IGNORE, collate, encode_pair, special_prefix
 from evoray.errors import TrainError
-from evoray.train.adapter import load_with_adapter
+from evoray.lora import load_with_adapter
 
 __all__ = ["evaluate", "evaluate_model", "score_items", "metrics", "letter_tokens", "EvalActor"]
 
@@ -56,7 +56,7 @@ def score_items(model, tokenizer, items: list[dict], *, batch_size: int = 16,
                 max_length: int = 512, device: str = "cpu") -> tuple[list[str], list[float]]:
     """The predicted letter and the response loss (nats per token) of each MCQ item, in order."""
     model.eval().to(device)
-    prefix = _special_prefix(tokenizer)
+    prefix = special_prefix(tokenizer)
     preds, losses = [], []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]

@@ -26,8 +26,8 @@ def export(adapter: str, out: str, *, merge: bool = True, model_spec: str | None
     Raises:
         ModelError: no adapter there, no base model known, or a base that does not match.
     """
+    from evoray.lora import load_adapter, localize, read_meta, upload_dir
     from evoray.models import load_model
-    from evoray.train.adapter import load_adapter, localize, read_meta, upload_dir
 
     local, handle = localize(adapter)
     try:

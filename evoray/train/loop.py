@@ -12,9 +12,9 @@ A checkpoint (every ``checkpoint_every`` steps, at each epoch's end and at the l
 folder with the adapter (peft files + tokenizer + ``evoray_adapter.json``), ``trainer_state.pt``
 (optimizer and scheduler ``state_dict``; it loads with ``torch.load(weights_only=True)``),
 ``adam_state.safetensors`` (the LoRA matrices' Adam moments in the format
-:func:`evoray.features.extract.load_adam_state` reads: ``<module>.lora_A.exp_avg`` /
+:func:`evoray.lora.load_adam_state` reads: ``<module>.lora_A.exp_avg`` /
 ``.exp_avg_sq`` and the same for ``lora_B``; module names are those of a peft model wrapping the
-base, as :func:`evoray.features.grads.attach_lora` builds it) and ``state.json`` (global step,
+base, as :func:`evoray.lora.attach_lora` builds it) and ``state.json`` (global step,
 epoch, step in epoch = the data position, the loss history and the config). Rank 0 attaches it to
 ``ray.train.report``; every worker reports the same metrics the same number of times.
 
@@ -69,8 +69,8 @@ def _set_determinism(seed: int) -> None:
 
 
 def _build_model(c: dict, device: torch.device):
+    from evoray.lora import fresh_adapter, load_adapter, localize
     from evoray.models import load_model
-    from evoray.train.adapter import fresh_adapter, load_adapter, localize
 
     cfg = c["cfg"]
     model, tok = load_model(c["model"], cache_dir=c.get("cache_dir"))
@@ -92,8 +92,7 @@ def _build_model(c: dict, device: torch.device):
 
 def save_checkpoint(folder: str, model, tok, optimizer, scheduler, state: dict, c: dict) -> None:
     """Write the checkpoint described in the module docstring into ``folder``."""
-    from evoray.features.extract import save_adam_state
-    from evoray.train.adapter import write_meta
+    from evoray.lora import save_adam_state, write_meta
 
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -264,7 +263,7 @@ def _report(session, model, tok, optimizer, scheduler, state, c, loss, rate) -> 
         if session.rank == 0:
             save_checkpoint(tmp, model, tok, optimizer, scheduler, state, c)
             if state["step"] == c["total_steps"] and c.get("out"):
-                from evoray.train.adapter import upload_dir
+                from evoray.lora import upload_dir
 
                 upload_dir(tmp, c["out"])
             folder = tmp

@@ -434,9 +434,11 @@ class _DiskFull(pafs.FileSystemHandler):
 @pytest.fixture
 def disk_full(monkeypatch):
     """``disk_full(room)``: from now on every evoray write of a local path goes through a
-    filesystem with ``room`` bytes left (``evoray.data.io.resolve``, which every writer uses)."""
+    filesystem with ``room`` bytes left (``evoray.storage.resolve``, which every writer uses, and
+    the modules that import it)."""
     import evoray.data.features
     import evoray.data.io
+    import evoray.storage
 
     def fill(room: int) -> _DiskFull:
         handler = _DiskFull(room)
@@ -446,7 +448,7 @@ def disk_full(monkeypatch):
             assert "://" not in path
             return fs, os.path.abspath(path)
 
-        for module in (evoray.data.io, evoray.data.features):
+        for module in (evoray.storage, evoray.data.io, evoray.data.features):
             monkeypatch.setattr(module, "resolve", resolve)
         return handler
 

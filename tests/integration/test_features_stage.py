@@ -12,8 +12,7 @@ import pytest
 from evoray.config import FeaturesConfig
 from evoray.data import read_records, write_records
 from evoray.data.features import read_features
-from evoray.errors import ModelError, RecordError
-from evoray.features.extract import FeatureError
+from evoray.errors import FeatureError, ModelError, RecordError
 from evoray.features.stage import featurize
 from evoray.select import select
 from evoray.tasks import write_task

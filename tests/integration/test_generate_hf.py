@@ -103,8 +103,8 @@ def test_hf_generates_parses_and_is_deterministic(ray_session, scripted, tmp_pat
 
 
 def test_hf_adapter_loads_and_unparsable_output_is_a_clear_error(ray_session, tmp_path):
+    from evoray.lora import fresh_adapter, write_meta
     from evoray.models import load_model
-    from evoray.train.adapter import fresh_adapter, write_meta
 
     base, _ = load_model("tiny-llama")
     adapter = str(tmp_path / "adapter")

@@ -180,9 +180,9 @@ def workspace(tmp_path_factory) -> Path:
     from evoray.config import TrainConfig
     from evoray.data.features import write_features
     from evoray.data.io import read_records
+    from evoray.lora import fresh_adapter, write_meta
     from evoray.models import load_model
     from evoray.tasks import write_task
-    from evoray.train.adapter import fresh_adapter, write_meta
 
     ws = tmp_path_factory.mktemp("ws")
     paths = write_task("arithmetic", str(ws / "task"), pool_size=40,

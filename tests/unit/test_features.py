@@ -6,16 +6,11 @@ import torch
 
 from evoray.config import FeaturesConfig
 from evoray.data import collate, encode_pair
-from evoray.errors import ModelError
-from evoray.features.extract import FeatureError, FeatureExtractor, save_adam_state
-from evoray.features.grads import (
-    BatchedGradients,
-    adam_precondition,
-    attach_lora,
-    lora_pairs,
-    reference_gradients,
-)
+from evoray.errors import FeatureError, ModelError
+from evoray.features.extract import FeatureExtractor
+from evoray.features.grads import BatchedGradients, adam_precondition, reference_gradients
 from evoray.features.projection import RademacherProjector
+from evoray.lora import attach_lora, lora_pairs, save_adam_state
 from evoray.models import load_model
 
 TARGETS = {"tiny-llama": ["q_proj", "k_proj", "v_proj", "o_proj"],

@@ -333,7 +333,7 @@ def test_hf_preflight_fails_on_the_driver(tmp_path):
     driver checks model, context and adapter first."""
     from evoray.errors import ModelError
     from evoray.generate.hf import _preflight
-    from evoray.train.adapter import META_FILE
+    from evoray.lora import META_FILE
 
     _preflight("tiny-llama", None, None, 96)
     with pytest.raises(ModelError, match="nonexistent.*no such directory"):

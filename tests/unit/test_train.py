@@ -99,7 +99,7 @@ def test_on_checkpoint_sees_every_epoch(task, trained, tmp_path):
 def test_features_read_the_adam_state(task, trained):
     from evoray.data import collate, encode_pairs
     from evoray.features.extract import FeatureExtractor
-    from evoray.features.grads import lora_pairs
+    from evoray.lora import lora_pairs
     from evoray.models import load_model
 
     state = load_file(trained.adam_state)

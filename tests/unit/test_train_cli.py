@@ -39,7 +39,7 @@ def test_train_eval_export(tmp_path, capsys):
     assert main(["export", "--adapter", out, "--merge", "--out", merged]) == 0
     assert os.path.exists(os.path.join(merged, "config.json"))
     # the merged model computes what base + adapter computes
-    from evoray.train.adapter import load_adapter
+    from evoray.lora import load_adapter
 
     base, tok = load_model("tiny-llama")
     with_adapter = load_adapter(base, out, trainable=False).eval()

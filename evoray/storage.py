@@ -1,0 +1,67 @@
+"""Files on local paths or any pyarrow filesystem URI (``s3://``, ``gs://``...): the bottom layer
+that config, data and the stages read and write through. A write goes to a temporary name beside
+the target and is renamed, so a final name never holds a partial file."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pyarrow.fs as pafs
+
+from evoray.errors import RecordError
+
+__all__ = ["resolve", "exists", "read_bytes", "atomic_write_bytes", "with_path"]
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    """Return ``(filesystem, path inside it)`` for a local path or a URI (``s3://``, ``gs://``...)."""
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def exists(path: str) -> bool:
+    fs, p = resolve(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def read_bytes(path: str) -> bytes:
+    """The bytes of a file (path or URI); a missing file or a folder is a RecordError naming it."""
+    fs, p = resolve(path)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.NotFound:
+        raise RecordError(path, "no such file")
+    if info.type == pafs.FileType.Directory:
+        raise RecordError(path, "is a directory; expected a .jsonl or .parquet file")
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
+def with_path(e: BaseException, path: str) -> BaseException:
+    """``e``, or for an OSError that names no file (pyarrow's ``No space left on device``) an
+    OSError of the same errno that names ``path``, so the user learns where the write failed."""
+    if isinstance(e, OSError) and not e.filename:
+        reason = os.strerror(e.errno) if e.errno else str(e).split(". Detail:")[0]
+        return OSError(e.errno, reason, path)
+    return e
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to a temporary name beside ``path``, then rename it to ``path``."""
+    fs, p = resolve(path)
+    parent = os.path.dirname(p)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, p)
+    except BaseException as e:
+        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            fs.delete_file(tmp)
+        named = with_path(e, path)
+        if named is e:
+            raise
+        raise named from e
