@@ -78,7 +78,7 @@ def task_files(work: str, task: str, gen: str, pool_size: int) -> dict:
     pool after the evolve loop's cleaning (exact duplicates and questions of the targets, dev and
     test dropped), written on first use; with the cleaned pool and the targets read."""
     from evoray.data import read_records
-    from evoray.evolve import clean_pool, normal_text
+    from evoray.stages import clean_pool, eval_prompts
     from evoray.tasks import write_task
 
     folder = os.path.join(work, f"{task}-{gen}-{pool_size}")
@@ -86,9 +86,8 @@ def task_files(work: str, task: str, gen: str, pool_size: int) -> dict:
         write_task(task, folder, pool_size=pool_size, generator=gen, seed=0)
     paths = {n: f"{folder}/{n}.jsonl" for n in ("pool", "clean", "targets", "dev", "test")}
     if not os.path.exists(paths["clean"]):
-        prompts = {normal_text(r["prompt"]) for name, kind in
-                   (("targets", "target"), ("dev", "mcq"), ("test", "mcq"))
-                   for r in read_records(paths[name], kind)}
+        prompts = eval_prompts(*(read_records(paths[name], kind) for name, kind in
+                                 (("targets", "target"), ("dev", "mcq"), ("test", "mcq"))))
         clean_pool(paths["pool"], paths["clean"], prompts)
     return {**paths, "folder": folder,
             "pool_records": read_records(paths["clean"], "candidate"),

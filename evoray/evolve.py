@@ -32,13 +32,10 @@ folder that already holds a manifest is refused, so nothing is overwritten by mi
 projection, selection and training have their own seeds), so on CPU an interrupted run resumed
 with ``resume=True`` ends with the same selections as an uninterrupted one.
 
-``EVORAY_FAIL_AFTER=round_01/select`` makes the loop stop with an error right after that stage is
-recorded (for fault tests and for trying resume by hand). ``EVORAY_KILL_AT=<stage>:<when>`` kills
-the driver process with SIGKILL instead, as a crash or the OOM killer would: ``before`` the stage
-runs, ``after`` it is recorded, or ``during`` it: after the first optimizer step taken in the
-driver's process (in-process training), or as soon as a temporary output (``*.tmp-XXXXXXXX``, a
-features folder being written) appears under the run folder. Temporary outputs left by a killed
-driver are removed when the run starts again.
+Fault injection for tests and for trying resume by hand (``EVORAY_FAIL_AFTER``,
+``EVORAY_KILL_AT``): :mod:`evoray.faults`. Temporary outputs left by a killed driver are removed
+when the run starts again. The manifest, the stage runner, cleaning and the round's generate and
+features steps are :mod:`evoray.stages`, shared with the sweep.
 
 **Evaluation** uses the test file only (accuracy and response loss, ALGORITHMS.md §4); ``dev`` is
 kept in the task folder for hyper-parameter sweeps.
@@ -46,239 +43,35 @@ kept in the task folder for hyper-parameter sweeps.
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
-import os
-import re
-import signal
-import threading
-import time
-from datetime import UTC, datetime
 
 from evoray.config import Config, config_to_dict
-from evoray.data.io import detect_format, write_records
-from evoray.data.records import validate_record
-from evoray.errors import EvorayError, RecordError
-from evoray.storage import atomic_write_bytes, exists, read_bytes, resolve
+from evoray.data.io import write_records
+from evoray.errors import EvorayError
+from evoray.stages import (
+    Manifest,
+    clean_pool,
+    digest,
+    eval_prompts,
+    features_inputs,
+    featurize_round,
+    file_digest,
+    generate_inputs,
+    generate_pool,
+    mix,
+    versions,
+)
+from evoray.storage import atomic_write_bytes, read_bytes, remove_temporaries
 
-__all__ = ["evolve", "clean_pool", "normal_text", "Manifest", "round_dir", "FAIL_ENV", "KILL_ENV",
-           "KINDS"]
+__all__ = ["evolve", "round_dir", "format_table"]
 
 log = logging.getLogger(__name__)
-
-FAIL_ENV = "EVORAY_FAIL_AFTER"
-KILL_ENV = "EVORAY_KILL_AT"
-_KILL_WHEN = ("before", "during", "after")
-_TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{8}$")  # the atomic writers' temporary names
-KINDS = ("clean", "wrong_label", "off_task", "near_duplicate")
 
 
 def round_dir(run_dir: str, r: int) -> str:
     return f"{run_dir.rstrip('/')}/round_{r:02d}"
-
-
-def _digest(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _file_digest(path: str | None) -> str | None:
-    return hashlib.sha256(read_bytes(path)).hexdigest() if path else None
-
-
-def _temporaries(run_dir: str) -> list:
-    """Temporary outputs of evoray's atomic writers under ``run_dir``: ``FileInfo`` entries."""
-    import pyarrow.fs as pafs
-
-    fs, root = resolve(run_dir)
-    if fs.get_file_info(root).type != pafs.FileType.Directory:
-        return []
-    return [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-            if _TEMPORARY.search(i.path.rstrip("/"))]
-
-
-def _remove_temporaries(run_dir: str) -> None:
-    """Remove what a killed driver left under temporary names (partial files and folders; no
-    final name ever holds them)."""
-    import pyarrow.fs as pafs
-
-    fs, _ = resolve(run_dir)
-    gone: list[str] = []
-    for info in _temporaries(run_dir):
-        if any(info.path.startswith(g + "/") for g in gone):
-            continue
-        if info.type == pafs.FileType.Directory:
-            fs.delete_dir(info.path)
-        elif info.type == pafs.FileType.File:
-            fs.delete_file(info.path)
-        gone.append(info.path.rstrip("/"))
-        log.warning("removed %s, a partial output left by an interrupted run", info.path)
-
-
-def _kill_now() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-@contextlib.contextmanager
-def _kill_midway(run_dir: str):
-    """SIGKILL this process from inside a stage (``EVORAY_KILL_AT=<stage>:during``): after the
-    first optimizer step taken in this process, or once a temporary output appears under
-    ``run_dir``, whichever comes first."""
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
-    hook = register_optimizer_step_post_hook(lambda *_: _kill_now())
-    done = threading.Event()
-
-    def watch():
-        while not done.wait(0.02):
-            if _temporaries(run_dir):
-                _kill_now()
-
-    threading.Thread(target=watch, daemon=True, name="evoray-kill-at").start()
-    try:
-        yield
-    finally:
-        done.set()
-        hook.remove()
-
-
-class Manifest:
-    """``run_dir/manifest.json``: the run's config and its finished stages."""
-
-    def __init__(self, run_dir: str):
-        self.path = f"{run_dir.rstrip('/')}/manifest.json"
-        self.data = {"version": 1, "config": None, "stages": {}}
-        if exists(self.path):
-            try:
-                self.data = json.loads(read_bytes(self.path))
-            except json.JSONDecodeError as e:
-                raise EvorayError(f"{self.path}: not valid JSON ({e.msg}, line {e.lineno}); "
-                                  "move it away to start the run afresh") from None
-            if not isinstance(self.data, dict) or not isinstance(self.data.get("stages"), dict):
-                raise EvorayError(f"{self.path}: not an evoray manifest (expected an object with "
-                                  "a 'stages' object); move it away to start the run afresh")
-
-    @property
-    def stages(self) -> dict:
-        return self.data["stages"]
-
-    def save(self) -> None:
-        atomic_write_bytes(self.path, (json.dumps(self.data, indent=2) + "\n").encode())
-
-    def done(self, key: str, digest: str, outputs: list[str]) -> dict | None:
-        entry = self.stages.get(key)
-        if entry and entry["inputs"] == digest and all(exists(o) for o in outputs):
-            return entry
-        return None
-
-    def record(self, key: str, digest: str, seconds: float, stats: dict) -> dict:
-        entry = {"inputs": digest, "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-                 "seconds": round(seconds, 3), "stats": stats}
-        self.stages[key] = entry
-        self.save()
-        return entry
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("evoray", "torch", "ray", "transformers", "peft", "pot", "faiss-cpu",
-                 "faiss-gpu", "pyarrow"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return out
-
-
-def normal_text(text: str) -> str:
-    """Lower-cased, whitespace-collapsed text: how cleaning compares prompts and responses."""
-    return " ".join(text.lower().split())
-
-
-def _raw_records(path: str) -> tuple[list[tuple[object, int]], int]:
-    """Every record of a JSONL or Parquet file with its line/row, and the count of lines that are
-    not JSON at all (those are dropped as invalid)."""
-    data = read_bytes(path)
-    if detect_format(path) == "jsonl":
-        out, bad = [], 0
-        for n, raw in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
-            if raw.strip():
-                try:
-                    out.append((json.loads(raw), n))
-                except json.JSONDecodeError:
-                    bad += 1
-        return out, bad
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rows = pq.read_table(pa.BufferReader(data)).to_pylist()
-    for rec in rows:
-        if isinstance(rec.get("meta"), str):
-            try:
-                rec["meta"] = json.loads(rec["meta"])
-            except json.JSONDecodeError:
-                rec["meta"] = None
-        for key in [k for k, v in rec.items() if v is None]:
-            del rec[key]
-    return [(rec, n) for n, rec in enumerate(rows, start=1)], 0
-
-
-def clean_pool(path: str, out: str, eval_prompts: set[str]) -> dict:
-    """Write the usable candidates of ``path`` to ``out`` and return the counts dropped.
-
-    Dropped, in this order: records that fail validation (``invalid``; the first reason is
-    logged), exact duplicates by normalised (lower-cased, whitespace-collapsed) prompt and
-    response, or by id (``duplicates``; the first is kept), and candidates whose normalised prompt
-    is a val/dev/test prompt (``contaminated``).
-
-    Raises:
-        EvorayError: no candidate is left.
-    """
-    records, invalid = _raw_records(path)
-    unit = "line" if detect_format(path) == "jsonl" else "row"
-    kept, seen_ids, seen_pairs = [], set(), set()
-    dup = contaminated = 0
-    first_error = None
-    for rec, n in records:
-        try:
-            rec = validate_record(rec, "candidate", path=path, **{unit: n})
-        except RecordError as e:
-            invalid += 1
-            first_error = first_error or str(e)
-            continue
-        pair = hashlib.sha256(f"{normal_text(rec['prompt'])}\x00{normal_text(rec['response'])}"
-                              .encode()).digest()
-        if rec["id"] in seen_ids or pair in seen_pairs:
-            dup += 1
-            continue
-        seen_ids.add(rec["id"])
-        seen_pairs.add(pair)
-        if normal_text(rec["prompt"]) in eval_prompts:
-            contaminated += 1
-            continue
-        kept.append(rec)
-    if first_error:
-        log.warning("%d invalid candidate(s) dropped; the first: %s", invalid, first_error)
-    stats = {"invalid": invalid, "duplicates": dup, "contaminated": contaminated,
-             "kept": len(kept)}
-    stats = {"generated": sum(stats.values()), **stats}
-    if not kept:
-        raise EvorayError(f"{path}: no candidate left after cleaning ({stats})")
-    write_records(kept, out, "candidate")
-    return stats
-
-
-def _mix(records: list[dict]) -> dict | None:
-    kinds = [(r.get("meta") or {}).get("kind") for r in records]
-    if not records or any(k is None for k in kinds):
-        return None
-    counts = collections.Counter(kinds)
-    return {k: counts[k] / len(records) for k in sorted(set(KINDS) | set(counts))}
 
 
 class _Loop:
@@ -290,15 +83,7 @@ class _Loop:
             raise EvorayError(f"{self.run} already holds a run ({self.manifest.path}); pass "
                               "--resume to continue it, or set evolve.run_dir to a new folder")
         self.manifest.data["config"] = config_to_dict(cfg)
-        self.manifest.data["versions"] = _versions()
-        self.fail_after = os.environ.get(FAIL_ENV)
-        self.kill_at = None
-        if os.environ.get(KILL_ENV):
-            key, _, when = os.environ[KILL_ENV].rpartition(":")
-            if not key or when not in _KILL_WHEN:
-                raise EvorayError(f"{KILL_ENV}={os.environ[KILL_ENV]!r}: expected "
-                                  f"<stage>:<{'|'.join(_KILL_WHEN)}>, e.g. round_01/train:during")
-            self.kill_at = (key, when)
+        self.manifest.data["versions"] = versions()
         self.progress = progress
         ev = cfg.evolve
         self.eval_kw = {"max_length": cfg.train.max_length, "cache_dir": cfg.cache_dir,
@@ -306,27 +91,7 @@ class _Loop:
                         "device": "cuda" if ev.eval_gpus > 0 else "cpu", "limit": ev.test_size}
 
     def stage(self, key: str, inputs, outputs: list[str], fn) -> tuple[str, dict]:
-        """Run ``fn() -> stats`` unless the manifest holds ``key`` with these inputs; return
-        ``(digest, stats)``."""
-        digest = _digest(key, inputs)
-        entry = self.manifest.done(key, digest, outputs)
-        if entry is not None:
-            self.say(f"[evolve] {key}: done earlier, skipped")
-            return digest, entry["stats"]
-        kill = self.kill_at[1] if self.kill_at and self.kill_at[0] == key else None
-        if kill == "before":
-            _kill_now()
-        t0 = time.perf_counter()
-        with _kill_midway(self.run) if kill == "during" else contextlib.nullcontext():
-            stats = fn() or {}
-        entry = self.manifest.record(key, digest, time.perf_counter() - t0, stats)
-        shown = ", ".join(f"{k} {v}" for k, v in stats.items() if isinstance(v, int | float | str))
-        self.say(f"[evolve] {key}: {shown or 'done'} ({entry['seconds']:.1f} s)")
-        if kill == "after":
-            _kill_now()
-        if self.fail_after == key:
-            raise EvorayError(f"injected failure after {key} ({FAIL_ENV}); rerun with --resume")
-        return digest, stats
+        return self.manifest.run(key, inputs, outputs, fn, say=self.say)
 
     # -- inputs shared by every round -------------------------------------------------------
 
@@ -353,65 +118,52 @@ class _Loop:
 
     # -- one round --------------------------------------------------------------------------
 
-    def round(self, r: int, files: dict, eval_prompts: set[str], prev: dict | None) -> dict:
+    def round(self, r: int, files: dict, prompts: set[str], prev: dict | None) -> dict:
         from evoray.data import read_records
-        from evoray.features.stage import featurize
-        from evoray.generate import RoundContext, make_generator
-        from evoray.select.io import select_files
-        from evoray.train import evaluate, train
 
         cfg, rd = self.cfg, round_dir(self.run, r)
         prev_adapter = prev["adapter"] if prev else None
         prev_train = prev["train_digest"] if prev else None
-        gen = cfg.generate
         # -- generate
         pool = f"{rd}/pool.jsonl"
-        gen_inputs = [config_to_dict(gen), cfg.evolve.task, cfg.seed, r, files["targets_hash"]]
-        if gen.kind in ("hf", "vllm") and gen.model is None:
-            gen_inputs += [cfg.model, prev_train]
-        if gen.kind == "pool":
-            gen_inputs.append(prev["generate_digest"] if prev else None)
+        gen_inputs = generate_inputs(cfg, r, files["targets_hash"], proxy_digest=prev_train,
+                                     prev_generate=prev["generate_digest"] if prev else None)
 
         def generate():
             exclude = set()
-            if gen.kind == "pool":
+            if cfg.generate.kind == "pool":
                 for q in range(1, r):
                     exclude |= {x["id"] for x in read_records(f"{round_dir(self.run, q)}"
                                                                "/pool.jsonl", "candidate")}
-            ctx = RoundContext(round=r, seed=gen.seed + r, targets=files["target_records"],
-                               model=cfg.model, adapter=prev_adapter, cache_dir=cfg.cache_dir,
-                               exclude_ids=exclude)
-            return make_generator(gen, task=cfg.evolve.task, split_seed=cfg.seed).generate(
-                ctx, pool)
+            return generate_pool(cfg, r, files["target_records"], pool, adapter=prev_adapter,
+                                 exclude_ids=exclude)
 
         gen_digest, _ = self.stage(f"round_{r:02d}/generate", gen_inputs, [pool], generate)
         # -- clean
         clean = f"{rd}/clean.jsonl"
         clean_digest, clean_stats = self.stage(
             f"round_{r:02d}/clean", [gen_digest, files["eval_hash"]], [clean],
-            lambda: clean_pool(pool, clean, eval_prompts))
+            lambda: clean_pool(pool, clean, prompts))
         # -- features
         proxy = None if (cfg.evolve.fixed_proxy or prev is None) else prev_adapter
         adam = (f"{prev_adapter}/adam_state.safetensors"
                 if cfg.features.adam and prev_adapter else None)
         fpool, ftargets = f"{rd}/features/pool", f"{rd}/features/targets"
-        feat_inputs = [clean_digest, files["targets_hash"], cfg.model,
-                       config_to_dict(cfg.features), None if proxy is None else prev_train,
-                       adam is not None and prev_train]
-
-        def features():
-            featurize(clean, cfg.model, proxy, cfg.features, out=fpool, adam_state=adam,
-                      cache_dir=cfg.cache_dir)
-            featurize(files["targets"], cfg.model, proxy, cfg.features, out=ftargets,
-                      kind="target", cache_dir=cfg.cache_dir)
-            return {"proxy": "base + fresh LoRA" if proxy is None else f"round {r - 1} model"}
-
-        feat_digest, _ = self.stage(f"round_{r:02d}/features", feat_inputs,
-                                    [f"{fpool}/meta.json", f"{ftargets}/meta.json"], features)
+        feat_inputs = features_inputs(cfg, clean_digest, files["targets_hash"],
+                                      proxy_digest=None if proxy is None else prev_train,
+                                      adam_digest=prev_train if adam else None)
+        feat_digest, _ = self.stage(
+            f"round_{r:02d}/features", feat_inputs,
+            [f"{fpool}/meta.json", f"{ftargets}/meta.json"],
+            lambda: featurize_round(cfg, clean, files["targets"], fpool, ftargets, proxy=proxy,
+                                    adam_state=adam, proxy_name="base + fresh LoRA" if proxy
+                                    is None else f"round {r - 1} model"))
         # -- select
         sel_dir = f"{rd}/selection"
 
         def select():
+            from evoray.select.io import select_files
+
             summary, sel, feats = select_files(cfg.select, fpool, ftargets, sel_dir, pool=clean)
             return {"method": cfg.select.method, "selected": summary["selected"],
                     "of": len(feats)}
@@ -430,6 +182,8 @@ class _Loop:
                         prev["replay_digests"] if (cfg.evolve.replay and prev) else None]
 
         def do_train():
+            from evoray.train import train
+
             if data != selected:
                 records = []
                 for q in range(1, r + 1):
@@ -446,13 +200,15 @@ class _Loop:
                     "loss": round(float(res.metrics.get("loss", float("nan"))), 4),
                     "skipped": len(res.skipped)}
 
-        train_digest = _digest(f"round_{r:02d}/train", train_inputs)
+        train_digest = digest(f"round_{r:02d}/train", train_inputs)
         train_digest, train_stats = self.stage(f"round_{r:02d}/train", train_inputs,
                                                [f"{adapter}/adapter_config.json"], do_train)
         # -- evaluate
         metrics_path = f"{rd}/metrics.json"
 
         def do_evaluate():
+            from evoray.train import evaluate
+
             m = {"round": r}
             if files["test"]:
                 res = evaluate(cfg.model, adapter, files["test"], **self.eval_kw)
@@ -463,8 +219,8 @@ class _Loop:
             seconds = {k.split("/")[1]: v["seconds"] for k, v in self.manifest.stages.items()
                        if k.startswith(f"round_{r:02d}/")}
             m.update(n_generated=clean_stats["generated"], n_clean=len(cleaned),
-                     n_selected=len(picked), clean_stats=clean_stats, mix=_mix(picked),
-                     pool_mix=_mix(cleaned), train=train_stats, seconds=seconds)
+                     n_selected=len(picked), clean_stats=clean_stats, mix=mix(picked),
+                     pool_mix=mix(cleaned), train=train_stats, seconds=seconds)
             atomic_write_bytes(metrics_path, (json.dumps(m, indent=2) + "\n").encode())
             return {k: round(m[k], 4) for k in ("accuracy", "loss") if k in m}
 
@@ -534,19 +290,17 @@ def evolve(cfg: Config, *, resume: bool = False, say=print, progress: bool = Tru
 
         allow_remote_code()
     loop = _Loop(cfg, resume, say, progress)
-    _remove_temporaries(loop.run)
+    remove_temporaries(loop.run)
     loop.manifest.save()
     files = loop.task_files()
     files["target_records"] = read_records(files["targets"], "target")
-    files["targets_hash"] = _file_digest(files["targets"])
-    files["test_hash"] = _file_digest(files["test"])
+    files["targets_hash"] = file_digest(files["targets"])
+    files["test_hash"] = file_digest(files["test"])
     if cfg.evolve.test_size and files["test"]:  # scoring fewer items is another evaluation
-        files["test_hash"] = _digest(files["test_hash"], cfg.evolve.test_size)
-    eval_prompts = {normal_text(r["prompt"]) for r in files["target_records"]}
-    for name in ("dev", "test"):
-        if files[name]:
-            eval_prompts |= {normal_text(r["prompt"]) for r in read_records(files[name], "mcq")}
-    files["eval_hash"] = _digest(sorted(eval_prompts))
+        files["test_hash"] = digest(files["test_hash"], cfg.evolve.test_size)
+    prompts = eval_prompts(files["target_records"], *(
+        read_records(files[name], "mcq") for name in ("dev", "test") if files[name]))
+    files["eval_hash"] = digest(sorted(prompts))
     say(f"[evolve] {cfg.evolve.rounds} round(s) of {cfg.generate.kind} candidates "
         f"({cfg.generate.pool_size} a round), {cfg.select.method} selection, model "
         f"{cfg.model!r} -> {loop.run}")
@@ -555,7 +309,7 @@ def evolve(cfg: Config, *, resume: bool = False, say=print, progress: bool = Tru
         base = loop.base(files)
         rounds, prev = [], None
         for r in range(1, cfg.evolve.rounds + 1):
-            prev = loop.round(r, files, eval_prompts, prev)
+            prev = loop.round(r, files, prompts, prev)
             rounds.append(prev["metrics"])
     finally:
         if started:

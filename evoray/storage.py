@@ -4,14 +4,20 @@ the target and is renamed, so a final name never holds a partial file."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import uuid
 
 import pyarrow.fs as pafs
 
 from evoray.errors import RecordError
 
-__all__ = ["resolve", "exists", "read_bytes", "atomic_write_bytes", "with_path"]
+__all__ = ["resolve", "exists", "read_bytes", "atomic_write_bytes", "with_path", "temporaries",
+           "remove_temporaries"]
+
+log = logging.getLogger(__name__)
+TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{8}$")  # the temporary names of the atomic writers here
 
 
 def resolve(path: str) -> tuple[pafs.FileSystem, str]:
@@ -65,3 +71,28 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         if named is e:
             raise
         raise named from e
+
+
+def temporaries(root: str) -> list:
+    """Temporary outputs of evoray's atomic writers under ``root`` (``FileInfo`` entries): partial
+    files and folders that a killed process left; no final name ever holds them."""
+    fs, path = resolve(root)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    return [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            if TEMPORARY.search(i.path.rstrip("/"))]
+
+
+def remove_temporaries(root: str) -> None:
+    """Remove :func:`temporaries` under ``root``, each logged as a warning."""
+    fs, _ = resolve(root)
+    gone: list[str] = []
+    for info in temporaries(root):
+        if any(info.path.startswith(g + "/") for g in gone):
+            continue
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(info.path)
+        elif info.type == pafs.FileType.File:
+            fs.delete_file(info.path)
+        gone.append(info.path.rstrip("/"))
+        log.warning("removed %s, a partial output left by an interrupted run", info.path)

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import importlib.util
 import json
 import math
@@ -83,10 +82,6 @@ class SweepInterrupted(EvorayError):
 
 def _say(message: str) -> None:
     _SAY[0](message)
-
-
-def _digest(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # -- the search space -----------------------------------------------------------------------
@@ -232,16 +227,25 @@ def _cluster(cfg: Config) -> tuple[dict[str, float], dict[str, float] | None]:
 
 def prepare_shared(cfg: Config, shared: str, *, say=print) -> dict[str, str | None]:
     """Task files, round-1 pool, cleaned pool and features (base proxy) under ``shared``, each
-    stage recorded in ``shared/manifest.json`` and skipped when already there.
+    stage recorded in ``shared/manifest.json`` (:mod:`evoray.stages`, as ``evolve`` runs them)
+    and skipped when already there.
 
     Raises:
         EvorayError: ``shared`` holds a stage made from other settings (a sweep's finished trials
             would no longer match); naming the stage.
     """
     from evoray.data import read_records, write_records
-    from evoray.evolve import Manifest, clean_pool, normal_text
-    from evoray.features.stage import featurize, value_settings
-    from evoray.generate import RoundContext, make_generator
+    from evoray.stages import (
+        Manifest,
+        clean_pool,
+        eval_prompts,
+        features_inputs,
+        featurize_round,
+        file_digest,
+        generate_inputs,
+        generate_pool,
+        task_records,
+    )
     from evoray.storage import atomic_write_bytes, read_bytes
 
     m, ev, sw = Manifest(shared), cfg.evolve, cfg.sweep
@@ -252,72 +256,34 @@ def prepare_shared(cfg: Config, shared: str, *, say=print) -> dict[str, str | No
          "features_targets": f"{shared}/features/targets"}
 
     def stage(key, inputs, outputs, fn) -> str:
-        digest = _digest(key, inputs)
-        entry = m.stages.get(key)
-        if entry and entry["inputs"] != digest:
-            raise EvorayError(f"{m.path}: stage '{key}' was made with other settings than this "
-                              "sweep's; set sweep.shared_dir (or sweep.sweep_dir) to a new folder")
-        if m.done(key, digest, outputs):
-            say(f"[sweep] shared {key}: done earlier, skipped")
-            return digest
-        t0 = time.perf_counter()
-        stats = fn() or {}
-        entry = m.record(key, digest, time.perf_counter() - t0, stats)
-        shown = ", ".join(f"{k} {v}" for k, v in stats.items() if isinstance(v, int | float | str))
-        say(f"[sweep] shared {key}: {shown or 'done'} ({entry['seconds']:.1f} s)")
-        return digest
+        return m.run(key, inputs, outputs, fn, say=say, label="[sweep] shared", changed=(
+            "set sweep.shared_dir (or sweep.sweep_dir) to a new folder"))[0]
 
     def task():
-        if ev.targets:
-            targets = read_records(ev.targets, "target")
-            dev = read_records(ev.dev, "mcq")
-            test = read_records(ev.test, "mcq") if ev.test else []
-        else:
-            from evoray.tasks import make_splits, split_records
-
-            splits = make_splits(ev.task, cfg.seed)
-            targets, dev, test = (split_records(splits, s) for s in ("val", "dev", "test"))
-        prompts = sorted({normal_text(r["prompt"]) for r in (*targets, *dev, *test)})
+        targets, dev, test = task_records(cfg)
         write_records(targets, p["targets"], "target")
         write_records(dev[:sw.dev_size], p["dev"], "mcq")
         if test:
             write_records(test[:sw.test_size], p["test"], "mcq")
-        atomic_write_bytes(p["prompts"], json.dumps(prompts).encode())
+        atomic_write_bytes(p["prompts"], json.dumps(sorted(eval_prompts(targets, dev, test)))
+                           .encode())
         return {"targets": len(targets), "dev": len(dev[:sw.dev_size]),
                 "test": len(test[:sw.test_size])}
 
-    files = [ev.targets, ev.dev, ev.test]
     task_d = stage("task", [ev.task, cfg.seed, sw.dev_size, sw.test_size,
-                            [hashlib.sha256(read_bytes(f)).hexdigest() if f else None
-                             for f in files]],
+                            [file_digest(f) for f in (ev.targets, ev.dev, ev.test)]],
                    [p["targets"], p["dev"], p["prompts"]], task)
     if m.stages["task"]["stats"]["test"] == 0:
         p["test"] = None
-    gen = cfg.generate
-
-    def generate():
-        ctx = RoundContext(round=1, seed=gen.seed + 1, targets=read_records(p["targets"],
-                                                                            "target"),
-                           model=cfg.model, adapter=None, cache_dir=cfg.cache_dir)
-        return make_generator(gen, task=ev.task, split_seed=cfg.seed).generate(ctx, p["pool"])
-
-    gen_d = stage("generate", [config_to_dict(gen), ev.task, cfg.seed, cfg.model, task_d],
-                  [p["pool"]], generate)
+    gen_d = stage("generate", generate_inputs(cfg, 1, task_d), [p["pool"]],
+                  lambda: generate_pool(cfg, 1, read_records(p["targets"], "target"), p["pool"]))
     prompts = set(json.loads(read_bytes(p["prompts"])))
     clean_d = stage("clean", [gen_d, task_d], [p["clean"]],
                     lambda: clean_pool(p["pool"], p["clean"], prompts))
-
-    def features():
-        featurize(p["clean"], cfg.model, None, cfg.features, out=p["features_pool"],
-                  cache_dir=cfg.cache_dir)
-        featurize(p["targets"], cfg.model, None, cfg.features, out=p["features_targets"],
-                  kind="target", cache_dir=cfg.cache_dir)
-        return {"proxy": "base + fresh LoRA"}
-
-    # placement-only settings (actors, CPUs, batch size) are left out, as featurize does
-    settings = value_settings(cfg.features)
-    stage("features", [clean_d, task_d, cfg.model, settings],
-          [f"{p['features_pool']}/meta.json", f"{p['features_targets']}/meta.json"], features)
+    stage("features", features_inputs(cfg, clean_d, task_d),
+          [f"{p['features_pool']}/meta.json", f"{p['features_targets']}/meta.json"],
+          lambda: featurize_round(cfg, p["clean"], p["targets"], p["features_pool"],
+                                  p["features_targets"]))
     return p
 
 
@@ -341,12 +307,10 @@ def _scores(cfg: Config, paths: dict, adapter: str) -> dict:
 
 
 def _mix(records: list[dict]) -> dict:
-    from evoray.evolve import KINDS
+    """The selection's make-up as trial metrics (``picked_<kind>``; {} for records with no kind)."""
+    from evoray.stages import mix
 
-    kinds = [(r.get("meta") or {}).get("kind") for r in records]
-    if not records or None in kinds:
-        return {}
-    return {f"picked_{k}": kinds.count(k) / len(kinds) for k in KINDS}
+    return {f"picked_{k}": v for k, v in (mix(records) or {}).items()}
 
 
 def _note_attempt(tdir: str, resumed_epoch: int | None) -> None:
@@ -610,7 +574,7 @@ def sweep(cfg: Config, *, resume: bool = False, say=print) -> dict:
         SweepInterrupted: the driver was stopped before every trial finished.
         EvorayError: a sweep exists there without ``resume``, or ``resume`` with another config.
     """
-    from evoray.evolve import Manifest
+    from evoray.stages import Manifest
     from evoray.storage import exists
     from evoray.tune_report import collect, write_outputs
 

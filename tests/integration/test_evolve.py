@@ -12,7 +12,9 @@ import pytest
 from evoray.data import read_records
 from evoray.demo import demo_config
 from evoray.errors import EvorayError
-from evoray.evolve import FAIL_ENV, Manifest, evolve
+from evoray.evolve import evolve
+from evoray.faults import FAIL_ENV
+from evoray.stages import Manifest
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -57,7 +57,8 @@ import pytest
 from evoray.config import dump_config
 from evoray.data.features import read_features, write_features
 from evoray.demo import demo_config
-from evoray.evolve import KILL_ENV, Manifest
+from evoray.faults import KILL_ENV
+from evoray.stages import Manifest
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK_SWEEP = str(REPO / "tune_configs" / "quick.yaml")

@@ -7,7 +7,8 @@ import pytest
 from evoray.config import load_config
 from evoray.demo import demo_config
 from evoray.errors import EvorayError
-from evoray.evolve import Manifest, clean_pool, format_table
+from evoray.evolve import format_table
+from evoray.stages import Manifest, clean_pool
 
 
 def _cand(i, prompt, response="A", **extra):

@@ -4,13 +4,15 @@ name (``_x``) of another.
 
 The layers, lowest first::
 
-    errors < storage < config < data < models, lora, ray_utils < tasks < features | select | train
+    errors < storage < faults < config < data < models, lora, ray_utils < tasks < features | select | train
       < generate < stages < evolve < tune_report < tune < report < demo < cli
 
 Two places differ from the first plan of this order, on purpose:
 
 * ``storage`` (files on paths and URIs) sits under ``config``, which reads a YAML config from any
   URI; ``data`` writes its records through it too.
+* ``faults`` (fault injection at stage boundaries, on only through environment variables) sits
+  just above ``storage``: the stage runner of ``stages`` consults it, and it needs nothing else.
 * ``tune_report`` (the sweep's tables) sits under ``tune``: the sweep writes its results at the
   end of the run, and the report module must not know how trials run.
 
@@ -25,7 +27,7 @@ import pathlib
 
 import evoray
 
-LAYERS = [("errors",), ("storage",), ("config",), ("data",), ("models", "lora", "ray_utils"),
+LAYERS = [("errors",), ("storage",), ("faults",), ("config",), ("data",), ("models", "lora", "ray_utils"),
           ("tasks",), ("features", "select", "train"), ("generate",), ("stages",), ("evolve",),
           ("tune_report",), ("tune",), ("report",), ("demo",), ("cli",)]
 PEERS_MAY_IMPORT = {("models", "lora", "ray_utils")}
