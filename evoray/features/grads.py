@@ -11,10 +11,10 @@ is ``Σ_t δ_{n,t} ⊗ x_{n,t}`` (output gradient × input, summed over the samp
 * ``∂L_n/∂B = δ_Bᵀ h`` with ``h = A x`` the input of ``B`` and ``δ_B = ∂L_n/∂y · s``,
 * ``∂L_n/∂A = δ_Aᵀ x`` with ``δ_A = δ_B B``, the gradient reaching ``h``,
 
-which is ALGORITHMS.md §2's ``s·Δᵀ(X Aᵀ)`` and ``s·(Δ B)ᵀ X``. Right padding makes padded positions
-carry exactly zero gradient, so no mask is needed. When every ``B`` is zero (a fresh adapter) the
-``A`` gradients are identically zero: they are skipped (``a_skipped``), which leaves the projected
-feature unchanged since zero blocks project to zero.
+which is docs/algorithms.md §1's ``s·Δᵀ(X Aᵀ)`` and ``s·(Δ B)ᵀ X``. Right padding makes padded
+positions carry exactly zero gradient, so no mask is needed. When every ``B`` is zero (a fresh
+adapter) the ``A`` gradients are identically zero: they are skipped (``a_skipped``), which leaves
+the projected feature unchanged since zero blocks project to zero.
 
 The LoRA weights themselves do not require grad during extraction (autograd would otherwise also
 sum their gradients over the batch, work nobody reads); the input embeddings do, so the backward

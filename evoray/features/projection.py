@@ -15,8 +15,8 @@ held at once.
 
 Products run on groups of exactly ``ROWS`` samples (the last group padded with zero rows). A BLAS
 kernel's rounding depends on the matrix shapes, so with a varying number of rows a sample's feature
-would change in the last bits (about 1e-6 relative over long gradients) with its batch size; with a
-fixed shape it is bit-identical whatever batch it came in.
+would change in the last bits with its batch size; with a fixed shape it is bit-identical whatever
+batch it came in (docs/algorithms.md §2).
 """
 
 from __future__ import annotations

@@ -175,7 +175,7 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
         out: output folder (default: ``<pool without extension>.features``).
         kind: record kind of the file.
         adam_state: Adam moments (:func:`evoray.lora.save_adam_state`) to
-            precondition with; refused for targets (ALGORITHMS.md §2).
+            precondition with; refused for targets (docs/algorithms.md §1).
         cache_dir: model cache.
         progress: show Ray Data's progress bars.
 
@@ -223,9 +223,8 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
     # Rows are grouped into batches by a sort on plain tasks (the strategy below: repartition
     # and sort must not fall back to the default), not by Ray Data's groupby with its default
     # hash shuffle, which starts aggregator actors of its own on every run (and holds
-    # CPUs that a small cluster's feature actors need). Measured on 119 candidates (tiny-llama,
-    # a local Ray of 2 CPUs, warm): 8.1-8.5 s wall and 12.6-14.6 CPU-s per featurize with
-    # groupby's default, 5.7-7.5 s and 8.3-10.6 CPU-s this way; the features are the same bytes.
+    # CPUs that a small cluster's feature actors need). The sort is faster and cheaper in CPU
+    # and gives the same bytes (figures: docs/algorithms.md §1).
     shuffle = ctx.shuffle_strategy
     ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     try:
@@ -276,8 +275,8 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
             "sorted_ids": ids[by_id], "rows": by_id.astype(np.int64),
             "batches": batch_of[by_id], "slots": slot_of[by_id]})
         # Blocks of whole batches, at most 4 per actor (every actor gets work; a restarted actor
-        # redoes one block; each block costs the sort two tasks: 0.35 s for 2 blocks, 1.15 s for
-        # 8 on 119 candidates), each its own input of the actor stage: a sort's output is one
+        # redoes one block; each block costs the sort two tasks, so more blocks cost time:
+        # docs/algorithms.md §1), each its own input of the actor stage: a sort's output is one
         # bundle of blocks, which would be one task, on one actor.
         n_batches = max(1, -(-len(keep) // cfg.batch_size))
         grouped = ds.repartition(min(n_batches, 4 * cfg.num_actors)).sort("batch")

@@ -1,6 +1,6 @@
 """Selectors: EvoSelect and five baselines, as pure functions on feature arrays (no Ray).
 
-``select(G, V, k, method=...)`` is the entry point; see ALGORITHMS.md §3 for the methods.
+``select(G, V, k, method=...)`` is the entry point; see docs/algorithms.md §3-4 for the methods.
 """
 
 try:  # faiss is an extra, not a base dependency: faiss-cpu and faiss-gpu are the same module

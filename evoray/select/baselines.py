@@ -1,7 +1,7 @@
 """Baseline selectors: Random, Attribution (LESS), Diversity (Prismatic Synthesis), Attr-Div.
 
 References: Xia et al. 2024, LESS (princeton-nlp/LESS, ``matching.py``); Jung et al. 2025,
-Prismatic Synthesis (arXiv 2505.20161). Definitions follow ALGORITHMS.md §3: every score uses
+Prismatic Synthesis (arXiv 2505.20161). Definitions: docs/algorithms.md §4; every score uses
 row-normalised features ``ĝ = g / ‖g‖`` (no centring).
 """
 
@@ -99,7 +99,7 @@ def diversity(G: np.ndarray, V: np.ndarray, k: int, *, seed: int = 0,
     a cluster nearest-to-centroid first. Targets are not used.
 
     Args:
-        cluster_ratio: clusters per candidate (ALGORITHMS.md: 0.1).
+        cluster_ratio: clusters per candidate (0.1, docs/algorithms.md §4).
         niter: k-means iterations (20).
         max_points_per_centroid: faiss subsamples training above this many rows per cluster.
     """

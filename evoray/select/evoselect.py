@@ -1,7 +1,7 @@
 """EvoSelect: OT alignment to the targets, interleaved with greedy diversification.
 
-ALGORITHMS.md §3 fixes this default instantiation (the paper, arXiv 2604.26170, does not publish
-its formulas):
+docs/algorithms.md §3 describes this default instantiation (the paper, arXiv 2604.26170, does
+not publish its formulas):
 
 0. centre ``G`` and ``V`` by the pool's mean feature, then row-normalise;
 1. cost ``C_ij = (1 − cos(g_i, v_j)) / 2``;
@@ -177,10 +177,10 @@ def evoselect(G: np.ndarray, V: np.ndarray, k: int, *, seed: int = 0, lam: float
             (:class:`~evoray.select.geometry.ResidualRows`; at most ``min(N, d) // 4`` of them,
             from at most 20,000 rows sampled with ``seed``). Those directions are what
             candidates of one template and answer letter share, and they hide near-duplicates:
-            on a weak ``lookup`` pool a reworded question's cosine to its original is 0.63
-            (median), below that of other questions of the same wording and letter, while
-            after removing 50 directions the original is the nearest neighbour 4 times in 10
-            (from 1 in 30). 0 = novelty on the features themselves (ALGORITHMS.md §3).
+            a reworded question can be less similar to its original than to other questions of
+            the same wording and letter, and removing the directions makes the original its
+            nearest neighbour far more often (figures: docs/algorithms.md §3.5). 0 = novelty
+            on the features themselves.
         bins: quantisation of novelty for ranking (resolution 2/bins).
         min_share: a candidate receiving less OT mass than this fraction of a uniform share
             (1 / remaining candidates) counts as not aligned at all: its alignment ties at the

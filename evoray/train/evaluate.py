@@ -1,7 +1,7 @@
 """Evaluation on a multiple-choice test set: accuracy by choice-letter likelihood, response loss.
 
-ALGORITHMS.md §4. Each item is ``prompt`` (ending in ``Answer:``), ``choices`` (capital letters)
-and ``answer``. The model reads ``prompt + " " + answer + EOS``, tokenized as in training
+docs/algorithms.md §5. Each item is ``prompt`` (ending in ``Answer:``), ``choices`` (capital
+letters) and ``answer``. The model reads ``prompt + " " + answer + EOS``, tokenized as in training
 (:func:`evoray.data.encode_pair`, the same text a fine-tuned model saw), in right-padded batches.
 
 Which token is scored: the letter **with its leading space**, ``" A"``, since that is how the

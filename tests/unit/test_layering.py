@@ -5,7 +5,8 @@ name (``_x``) of another.
 The layers, lowest first::
 
     errors < storage < faults < config < data < models, lora, ray_utils < tasks < features | select | train
-      < generate < stages < evolve < tune_report < tune < report < demo < cli
+      < generate < stages < evolve < tune_space, tune_trial, tune_report < tune < report < demo
+      < cli
 
 Two places differ from the first plan of this order, on purpose:
 
@@ -13,8 +14,9 @@ Two places differ from the first plan of this order, on purpose:
   URI; ``data`` writes its records through it too.
 * ``faults`` (fault injection at stage boundaries, on only through environment variables) sits
   just above ``storage``: the stage runner of ``stages`` consults it, and it needs nothing else.
-* ``tune_report`` (the sweep's tables) sits under ``tune``: the sweep writes its results at the
-  end of the run, and the report module must not know how trials run.
+* ``tune_report`` (the sweep's tables) sits under ``tune`` with the sweep's other parts, its
+  search space and resources (``tune_space``) and its trials (``tune_trial``): ``tune`` is the
+  driver that runs them and writes the tables at the end; none of the three imports another.
 
 ``models``, ``lora`` and ``ray_utils`` may import each other (``lora`` loads a base model;
 ``ray_utils`` passes the trust-remote-code setting to Ray workers). ``features``, ``select`` and
@@ -29,7 +31,7 @@ import evoray
 
 LAYERS = [("errors",), ("storage",), ("faults",), ("config",), ("data",), ("models", "lora", "ray_utils"),
           ("tasks",), ("features", "select", "train"), ("generate",), ("stages",), ("evolve",),
-          ("tune_report",), ("tune",), ("report",), ("demo",), ("cli",)]
+          ("tune_space", "tune_trial", "tune_report"), ("tune",), ("report",), ("demo",), ("cli",)]
 PEERS_MAY_IMPORT = {("models", "lora", "ray_utils")}
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 ROOT = pathlib.Path(evoray.__file__).parent

@@ -315,7 +315,7 @@ def test_raising_lam_raises_mean_pairwise_distance(data):
     dist = mean_distances(G, V, [0, 0.25, 0.5, 0.75], novelty_pcs=0)
     assert all(np.diff(dist) >= 0) and dist[-1] > dist[0] + 0.2
     plain = mean_distances(G, V, [0, 0.25, 0.5, 0.75, 1.0], min_share=0, redundant_cos=None)
-    assert all(np.diff(plain) > 0)  # the bare rank rule of ALGORITHMS.md
+    assert all(np.diff(plain) > 0)  # the bare rank rule (docs/algorithms.md §3.6)
 
 
 @pytest.mark.xfail(strict=True, reason="lam = 1 is farthest-point selection, which maximises "
