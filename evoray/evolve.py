@@ -37,8 +37,8 @@ Fault injection for tests and for trying resume by hand (``EVORAY_FAIL_AFTER``,
 when the run starts again. The manifest, the stage runner, cleaning and the round's generate and
 features steps are :mod:`evoray.stages`, shared with the sweep.
 
-**Evaluation** uses the test file only (accuracy and response loss, ALGORITHMS.md §4); ``dev`` is
-kept in the task folder for hyper-parameter sweeps.
+**Evaluation** uses the test file only (accuracy and response loss, docs/algorithms.md §5);
+``dev`` is kept in the task folder for hyper-parameter sweeps.
 """
 
 from __future__ import annotations

@@ -17,9 +17,6 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
-import json
-import re
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -30,12 +27,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from evoray.data.features import read_features
-from evoray.errors import EvorayError, RecordError
-from evoray.storage import atomic_write_bytes, read_bytes, resolve
+from evoray.report_run import RoundInfo, RunInfo, file_type, join, load_run, read_json
+from evoray.storage import atomic_write_bytes, resolve
 from evoray.tasks import KINDS as MIX_KINDS
 
-__all__ = ["RoundInfo", "RunInfo", "load_run", "round_table", "write_report", "main_score",
-           "pca2", "SCORE_COLUMNS", "register"]
+__all__ = ["round_table", "write_report", "main_score", "pca2", "SCORE_COLUMNS", "register"]
 
 # The score each selector ranks by, and what it means (captions). Methods without one (random)
 # fall back to a "score" column, then to the first float column of scores.parquet.
@@ -46,139 +42,10 @@ SCORE_COLUMNS = {
     "attr_div": ("attribution", "cosine to the nearest target-subtask mean gradient"),
     "diversity": ("centroid_cos", "cosine to its k-means centroid"),
 }
-# A round's stages in order, with the file that marks each one done.
-STAGES = (("generate", "pool.jsonl"), ("clean", "clean.jsonl"),
-          ("features", "features/pool"), ("select", "selection/selected.parquet"),
-          ("train", "adapter"), ("evaluate", "metrics.json"))
 KIND_COLORS = {"clean": "#2ca02c", "wrong_label": "#d62728", "off_task": "#ff7f0e",
                "near_duplicate": "#9467bd"}
 MAX_CANDIDATES = 3000  # PCA points per round: enough to see the shape, cheap to draw
 MAX_TARGETS = 2000
-_ROUND_DIR = re.compile(r"round_(\d+)$")
-
-
-@dataclass
-class RoundInfo:
-    """What one round folder holds. ``round`` 0 is the base model."""
-
-    round: int
-    path: str
-    metrics: dict | None = None
-    status: str = "done"  # or "missing <stage> (<file>)" / "not started"
-    counts: dict = field(default_factory=dict)  # n_generated, n_clean, n_selected
-    mix: dict | None = None  # selection shares by meta.kind
-    pool_mix: dict | None = None  # cleaned-pool shares by meta.kind
-
-
-@dataclass
-class RunInfo:
-    path: str
-    config: dict
-    rounds: list[RoundInfo]  # base (round 0) first, when base/metrics.json exists
-
-    @property
-    def method(self) -> str:
-        return str(self.config.get("select", {}).get("method", ""))
-
-
-def _join(*parts: str) -> str:
-    return "/".join(p.rstrip("/") for p in parts)
-
-
-def _kind(path: str) -> pafs.FileType:
-    fs, p = resolve(path)
-    return fs.get_file_info(p).type
-
-
-def _json(path: str) -> dict | None:
-    """The JSON object in ``path``, or None when there is no such file."""
-    if _kind(path) != pafs.FileType.File:
-        return None
-    try:
-        return json.loads(read_bytes(path))
-    except json.JSONDecodeError as e:
-        raise RecordError(path, f"malformed JSON: {e.msg}", line=e.lineno) from None
-
-
-def _jsonl_kinds(path: str) -> tuple[int, dict | None]:
-    """Record count of a JSONL file and its shares by ``meta.kind`` (None without meta.kind)."""
-    counts: dict[str, int] = {}
-    n = 0
-    for number, line in enumerate(read_bytes(path).decode("utf-8").splitlines(), start=1):
-        if line.strip():
-            n += 1
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(path, f"malformed JSON: {e.msg}", line=number) from None
-            meta = rec.get("meta") if isinstance(rec, dict) else None
-            kind = meta.get("kind") if isinstance(meta, dict) else None
-            if kind is not None:
-                counts[str(kind)] = counts.get(str(kind), 0) + 1
-    return n, ({k: v / n for k, v in counts.items()} if counts else None)
-
-
-def _load_round(run_dir: str, r: int, name: str) -> RoundInfo:
-    path = _join(run_dir, name)
-    info = RoundInfo(round=r, path=path)
-    if _kind(path) == pafs.FileType.NotFound:
-        info.status = "not started"
-        return info
-    for stage, name in STAGES:
-        if _kind(_join(path, name)) == pafs.FileType.NotFound:
-            info.status = f"missing {stage} ({name})"
-            break
-    info.metrics = _json(_join(path, "metrics.json"))
-    if info.metrics is not None:
-        info.status = "done"
-        m = info.metrics
-        info.counts = {k: m[k] for k in ("n_generated", "n_clean", "n_selected") if k in m}
-        info.mix, info.pool_mix = m.get("mix"), m.get("pool_mix")
-        return info
-    # Unfinished: count what the finished stages wrote.
-    files = {"n_generated": "pool.jsonl", "n_clean": "clean.jsonl",
-             "n_selected": "selection/selected.jsonl"}
-    for key, name in files.items():
-        if _kind(_join(path, name)) == pafs.FileType.File:
-            n, mix = _jsonl_kinds(_join(path, name))
-            info.counts[key] = n
-            if key == "n_clean":
-                info.pool_mix = mix
-            elif key == "n_selected":
-                info.mix = mix
-    return info
-
-
-def load_run(run_dir: str) -> RunInfo:
-    """Collect the manifest, the base metrics and every round's metrics or status.
-
-    Rounds are those the config asks for (``evolve.rounds``) and any ``round_NN`` folder found.
-
-    Raises:
-        EvorayError: naming ``run_dir`` when it does not exist or holds no evolve run.
-        RecordError: naming the file and line of a malformed JSON or JSONL file.
-    """
-    run_dir = run_dir.rstrip("/")
-    fs, p = resolve(run_dir)
-    kind = fs.get_file_info(p).type
-    if kind != pafs.FileType.Directory:
-        what = "no such run directory" if kind == pafs.FileType.NotFound else "not a directory"
-        raise EvorayError(f"{run_dir}: {what}; expected the run_dir of `evoray evolve` "
-                          "(manifest.json, base/, round_NN/)")
-    found = {int(m.group(1)): i.base_name for i in fs.get_file_info(pafs.FileSelector(p))
-             if i.type == pafs.FileType.Directory and (m := _ROUND_DIR.match(i.base_name))}
-    manifest = _json(_join(run_dir, "manifest.json"))
-    base = _json(_join(run_dir, "base", "metrics.json"))
-    if manifest is None and base is None and not found:
-        raise EvorayError(f"{run_dir}: holds no manifest.json, base/metrics.json or round_NN/ "
-                          "folder; not the run_dir of `evoray evolve`")
-    config = (manifest or {}).get("config", {})
-    planned = int(config.get("evolve", {}).get("rounds", 0) or 0)
-    rounds = [_load_round(run_dir, r, found.get(r, f"round_{r:02d}"))
-              for r in sorted(set(found) | set(range(1, planned + 1)))]
-    rounds.insert(0, RoundInfo(round=0, path=_join(run_dir, "base"), metrics=base,
-                               status="base model" if base else "missing base/metrics.json"))
-    return RunInfo(path=run_dir, config=config, rounds=rounds)
 
 
 def _mix_kinds(run: RunInfo) -> list[str]:
@@ -261,8 +128,8 @@ def _plot_accuracy(run: RunInfo) -> bytes | None:
 
 def _scores(r: RoundInfo) -> tuple[pa.Table, list[str]] | None:
     """A round's ``scores.parquet`` and the names of its float columns (None if absent)."""
-    path = _join(r.path, "selection", "scores.parquet")
-    if _kind(path) != pafs.FileType.File:
+    path = join(r.path, "selection", "scores.parquet")
+    if file_type(path) != pafs.FileType.File:
         return None
     fs, p = resolve(path)
     table = pq.read_table(p, filesystem=fs)
@@ -278,7 +145,7 @@ def _plot_scores(run: RunInfo) -> tuple[bytes, str] | None:
         if got is None:
             continue
         table, floats = got
-        method = (_json(_join(r.path, "selection", "summary.json")) or {}).get("method",
+        method = (read_json(join(r.path, "selection", "summary.json")) or {}).get("method",
                                                                                run.method)
         col = main_score(table.column_names, floats, method)
         if col is not None and "selected" in table.column_names:
@@ -377,9 +244,9 @@ def _sample(n: int, cap: int, rng: np.random.Generator) -> np.ndarray:
 def _plot_pca(run: RunInfo) -> bytes | None:
     panels = []
     for r in run.rounds:
-        pool, targets = _join(r.path, "features", "pool"), _join(r.path, "features", "targets")
-        chosen_path = _join(r.path, "selection", "selected.parquet")
-        if r.round == 0 or any(_kind(p) == pafs.FileType.NotFound
+        pool, targets = join(r.path, "features", "pool"), join(r.path, "features", "targets")
+        chosen_path = join(r.path, "selection", "selected.parquet")
+        if r.round == 0 or any(file_type(p) == pafs.FileType.NotFound
                                for p in (pool, targets, chosen_path)):
             continue
         fs, p = resolve(chosen_path)
@@ -458,11 +325,11 @@ def _write(run: RunInfo, out: str) -> str:
     for name, png, caption in plots:
         if png is None:
             continue
-        atomic_write_bytes(_join(out, "plots", f"{name}.png"), png)
+        atomic_write_bytes(join(out, "plots", f"{name}.png"), png)
         lines += [f"![{name}](plots/{name}.png)", "", f"*{caption}*", ""]
     if not any(png for _, png, _ in plots):
         lines += ["No round has metrics, scores or features yet.", ""]
-    path = _join(out, "report.md")
+    path = join(out, "report.md")
     atomic_write_bytes(path, "\n".join(lines).encode("utf-8"))
     return path
 

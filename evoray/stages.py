@@ -29,15 +29,14 @@ from evoray.data.records import validate_record
 from evoray.errors import EvorayError, RecordError
 from evoray.faults import from_env
 from evoray.storage import atomic_write_bytes, exists, read_bytes
+from evoray.tasks import KINDS  # the simulated generator's candidate kinds (``meta.kind``)
 
-__all__ = ["KINDS", "Manifest", "digest", "file_digest", "versions", "normal_text",
+__all__ = ["Manifest", "digest", "file_digest", "versions", "normal_text",
            "eval_prompts", "clean_pool", "mix", "task_records", "generate_inputs",
            "generate_pool", "features_inputs", "featurize_round"]
 
 log = logging.getLogger(__name__)
 
-# The simulated generator's candidate kinds (``meta.kind``), in the order tables show them.
-KINDS = ("clean", "wrong_label", "off_task", "near_duplicate")
 
 
 def digest(*parts) -> str:

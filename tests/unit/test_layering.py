@@ -4,9 +4,9 @@ name (``_x``) of another.
 
 The layers, lowest first::
 
-    errors < storage < faults < config < data < models, lora, ray_utils < tasks < features | select | train
-      < generate < stages < evolve < tune_space, tune_trial, tune_report < tune < report < demo
-      < cli
+    errors < storage < faults < config < data < models, lora, ray_utils < tasks
+      < features | select | train < generate < stages < evolve
+      < tune_space, tune_trial, tune_report < tune < report_run < report < demo < cli
 
 Two places differ from the first plan of this order, on purpose:
 
@@ -29,9 +29,10 @@ import pathlib
 
 import evoray
 
-LAYERS = [("errors",), ("storage",), ("faults",), ("config",), ("data",), ("models", "lora", "ray_utils"),
-          ("tasks",), ("features", "select", "train"), ("generate",), ("stages",), ("evolve",),
-          ("tune_space", "tune_trial", "tune_report"), ("tune",), ("report",), ("demo",), ("cli",)]
+LAYERS = [("errors",), ("storage",), ("faults",), ("config",), ("data",),
+          ("models", "lora", "ray_utils"), ("tasks",), ("features", "select", "train"),
+          ("generate",), ("stages",), ("evolve",), ("tune_space", "tune_trial", "tune_report"),
+          ("tune",), ("report_run",), ("report",), ("demo",), ("cli",)]
 PEERS_MAY_IMPORT = {("models", "lora", "ray_utils")}
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 ROOT = pathlib.Path(evoray.__file__).parent

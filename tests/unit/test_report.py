@@ -14,7 +14,8 @@ from matplotlib.image import imread
 from evoray.data.features import write_features
 from evoray.data.io import write_records
 from evoray.errors import EvorayError, RecordError
-from evoray.report import load_run, main_score, pca2, register, write_report
+from evoray.report import main_score, pca2, register, write_report
+from evoray.report_run import load_run
 
 KINDS = ("clean", "wrong_label", "off_task", "near_duplicate")
 ACCURACY = {0: 0.25, 1: 0.3125, 2: 0.4375}

@@ -11,8 +11,8 @@ import pytest
 from evoray.cli import main
 from evoray.config import load_config
 from evoray.errors import ConfigError
-from evoray.tune_space import check_config, expected_trials, parse_space, plan_concurrency
 from evoray.tune_report import best_row, pivot_table, write_outputs
+from evoray.tune_space import check_config, expected_trials, parse_space, plan_concurrency
 
 pytestmark = pytest.mark.timeout(120)
 

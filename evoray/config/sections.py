@@ -1,121 +1,18 @@
-"""Typed configuration: one dataclass per stage, loaded from YAML, with ``key=value`` overrides.
-
-A job's YAML file is the nested form of :class:`Config`::
-
-    model: smollm2-135m
-    select: {method: evoselect, ratio: 0.1}
-    train: {lr: 2.0e-4, epochs: 3}
-
-Every field is type-checked and range-checked in ``__post_init__``, so a config built in Python
-is as safe as one read from a file. An unknown key is rejected with the closest valid name.
-Integers are accepted where a float is expected, and so are strings such as ``"1e-4"`` (YAML 1.1,
-which PyYAML follows, reads ``1e-4`` without a dot as a string).
-"""
+"""The job's config sections: one dataclass per stage, and :class:`Config`, the whole job."""
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-import yaml
+from evoray.config.fields import _f, _Stage
+from evoray.errors import ConfigError
 
-from evoray.errors import ConfigError, did_you_mean
-
-__all__ = [
-    "Config", "FeaturesConfig", "SelectConfig", "TrainConfig", "GenerateConfig", "EvolveConfig",
-    "SweepConfig", "ConfigError", "SELECT_METHODS", "GENERATORS", "load_config", "parse_overrides",
-    "apply_override", "config_from_dict", "config_to_dict", "dump_config",
-]
+__all__ = ["Config", "FeaturesConfig", "SelectConfig", "TrainConfig", "GenerateConfig",
+           "EvolveConfig", "SweepConfig", "SELECT_METHODS", "GENERATORS"]
 
 SELECT_METHODS = ("evoselect", "random", "attribution", "diversity", "attr_div", "tsds")
 GENERATORS = ("simulated", "pool", "hf", "vllm")
-
-
-def _f(default: Any, help: str) -> Any:
-    """A dataclass field with its documentation in ``metadata["help"]`` (shown by the CLI)."""
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, name: str) -> Any:
-    """Return ``value`` checked against annotation ``tp`` (ints and numeric strings to float)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for arg in args:
-            try:
-                return _coerce(value, arg, name)
-            except ConfigError:
-                continue
-    elif origin is Literal:
-        if value in args:
-            return value
-        hint = did_you_mean(str(value), map(str, args))
-        raise ConfigError(f"{name}: {value!r} is not valid{hint}")
-    elif origin is list:
-        if isinstance(value, list):
-            return [_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)]
-    elif origin is dict:
-        if isinstance(value, dict):
-            return dict(value)
-    elif tp is type(None):
-        if value is None:
-            return None
-    elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if isinstance(value, dict):
-            return config_from_dict(tp, value, prefix=f"{name}.")
-    elif isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-        return value
-    raise ConfigError(f"{name}: wrong type {type(value).__name__} ({value!r}); expected "
-                      f"{_type_name(tp)}")
-
-
-class _Stage:
-    """Mixin: type-check every field, then run the stage's own range checks (``_check``)."""
-
-    section: ClassVar[str] = ""
-
-    def _name(self, field_name: str) -> str:
-        return f"{self.section}.{field_name}" if self.section else field_name
-
-    def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], self._name(f.name)))
-        self._check()
-
-    def _check(self) -> None:
-        """Range checks; overridden by stages."""
-
-    def _require(self, ok: bool, field_name: str, what: str) -> None:
-        if not ok:
-            raise ConfigError(f"{self._name(field_name)}: {getattr(self, field_name)!r} is out "
-                              f"of range; {what}")
 
 
 @dataclass
@@ -162,7 +59,7 @@ class FeaturesConfig(_Stage):
 
 @dataclass
 class SelectConfig(_Stage):
-    """Selection of a budget of candidates; see ../shared/design/ALGORITHMS.md §3."""
+    """Selection of a budget of candidates; see docs/algorithms.md §3-4."""
 
     section: ClassVar[str] = "select"
     method: Literal[SELECT_METHODS] = _f("evoselect", "selector: " + ", ".join(SELECT_METHODS))
@@ -377,86 +274,3 @@ class Config(_Stage):
     generate: GenerateConfig = field(default_factory=GenerateConfig, metadata={"help": "generator"})
     evolve: EvolveConfig = field(default_factory=EvolveConfig, metadata={"help": "round loop"})
     sweep: SweepConfig = field(default_factory=SweepConfig, metadata={"help": "Tune sweep"})
-
-
-def config_from_dict(cls: type, data: dict, *, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested dict; unknown keys name the closest valid one."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got "
-                          f"{type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            close = did_you_mean(str(key), names).replace("'", f"'{prefix}", 1)
-            raise ConfigError(f"unknown key '{prefix}{key}'{close}")
-    return cls(**data)
-
-
-def config_to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def dump_config(cfg: Any) -> str:
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-
-
-def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
-    """``["select.ratio=0.05"]`` → ``[("select.ratio", 0.05)]`` (values parsed as YAML)."""
-    out = []
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. select.ratio=0.05")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
-        out.append((key.strip(), value))
-    return out
-
-
-def apply_override(cfg: Any, key: str, value: Any, *, prefix: str = "") -> Any:
-    """Return a copy of ``cfg`` with the dotted ``key`` set to ``value``, re-validated."""
-    head, _, rest = key.partition(".")
-    names = {f.name for f in dataclasses.fields(cfg)}
-    if head not in names:
-        close = did_you_mean(head, names).replace("'", f"'{prefix}", 1)
-        raise ConfigError(f"unknown key '{prefix}{key}'{close}")
-    current = getattr(cfg, head)
-    if rest:
-        if not dataclasses.is_dataclass(current):
-            raise ConfigError(f"'{prefix}{head}' has no sub-keys; cannot set '{prefix}{key}'")
-        value = apply_override(current, rest, value, prefix=f"{prefix}{head}.")
-    elif dataclasses.is_dataclass(current) and isinstance(value, dict):
-        value = config_from_dict(type(current), {**config_to_dict(current), **value},
-                                 prefix=f"{prefix}{head}.")
-    return dataclasses.replace(cfg, **{head: value})
-
-
-def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a :class:`Config` from YAML (``None``: defaults), then apply ``key=value`` overrides.
-
-    Raises:
-        ConfigError: naming the file (and YAML line) or the override at fault.
-    """
-    data: dict = {}
-    if path is not None:
-        from evoray.storage import read_bytes
-
-        text = read_bytes(path).decode("utf-8", errors="replace")
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
-    try:
-        cfg = config_from_dict(Config, data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
-    for key, value in parse_overrides(overrides or []):
-        try:
-            cfg = apply_override(cfg, key, value)
-        except ConfigError as e:
-            raise ConfigError(f"override {key}={value!r}: {e}") from None
-    return cfg
