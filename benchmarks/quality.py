@@ -50,11 +50,12 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 SELECTORS = ("random", "attribution", "diversity", "attr_div", "tsds", "evoselect")
 ORACLES = ("oracle_on_task", "oracle_clean")
-METHOD_PARAMS = {"tsds": {"replace": False}}
+METHOD_SETTINGS = {"tsds": {"select.tsds.replace": False}}  # config overrides per method
 RATIOS = (0.05, 0.1, 0.2)
 # EvoSelect with one setting changed, in the trained-proxy layer only: which part of it costs
 # picks once the proxy can rank labels (the diversity term; the residual novelty).
-PROXY_ABLATIONS = {"evoselect lam=0": {"lam": 0.0}, "evoselect novelty_pcs=0": {"novelty_pcs": 0}}
+PROXY_ABLATIONS = {"evoselect lam=0": {"select.lam": 0.0},
+                   "evoselect novelty_pcs=0": {"select.evoselect.novelty_pcs": 0}}
 LAYERS = ("quality", "downstream", "evolution", "proxy")
 GENERATORS = ("weak", "strong")
 TASKS = ("lookup", "arithmetic")
@@ -221,15 +222,17 @@ class Bench:
     # -- selection -----------------------------------------------------------------------------
 
     def pick(self, method: str, ratio: float, seed: int, f: dict, task: str,
-             params: dict | None = None):
-        """Rows of ``f["records"]`` picked by ``method`` and how often each was drawn."""
-        from evoray.config import SelectConfig
+             settings: dict | None = None):
+        """Rows of ``f["records"]`` picked by ``method`` and how often each was drawn;
+        ``settings``: config overrides (``{"select.lam": 0.0}``) on top of METHOD_SETTINGS."""
+        from evoray.config import load_config
         from evoray.select.io import select_features
 
         if method in ORACLES:
             return oracle_rows(f["records"], method, task, ratio, seed), None
-        cfg = SelectConfig(method=method, ratio=ratio, seed=seed,
-                           params={**METHOD_PARAMS.get(method, {}), **(params or {})})
+        over = {"select.method": method, "select.ratio": ratio, "select.seed": seed,
+                **METHOD_SETTINGS.get(method, {}), **(settings or {})}
+        cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in over.items()]).select
         # No content keys: the seeded selectors draw over the rows in pool-file order (the cells
         # were made so); `evoray select --pool` draws over content order: another sample of the
         # same distribution.
@@ -348,7 +351,7 @@ class Bench:
         over = {"model": self.a.model, "evolve.task": task, "evolve.rounds": 2,
                 "evolve.run_dir": run, "generate.preset": gen,
                 "generate.pool_size": self.a.evolution_pool_size, "select.method": method,
-                "select.ratio": 0.1, "select.params": METHOD_PARAMS.get(method, {}),
+                "select.ratio": 0.1, **METHOD_SETTINGS.get(method, {}),
                 **{f"features.{k}": v for k, v in self.features_cfg.items()},
                 **{f"train.{k}": v for k, v in self.a.train.items()}}
         cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in over.items()])

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 
 from evoray.errors import ConfigError, did_you_mean
 
-__all__ = ["config_from_dict"]  # and, for the sections, _f and _Stage
+__all__ = ["config_from_dict", "unknown_key"]  # and, for the sections, _f and _Stage
 
 
 def _f(default: Any, help: str) -> Any:
@@ -106,6 +106,16 @@ def config_from_dict(cls: type, data: dict, *, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            close = did_you_mean(str(key), names).replace("'", f"'{prefix}", 1)
-            raise ConfigError(f"unknown key '{prefix}{key}'{close}")
+            raise ConfigError(unknown_key(cls, str(key), names, prefix))
     return cls(**data)
+
+
+def unknown_key(cls: type, key: str, names, prefix: str = "") -> str:
+    """The error for a key ``cls`` does not have: where a removed key's settings went (the
+    class's ``moved``), else the closest valid name."""
+    head = key.split(".")[0]
+    moved = getattr(cls, "moved", {})
+    if head in moved:
+        return f"'{prefix}{head}' is gone: {moved[head]}"
+    close = did_you_mean(head, names).replace("'", f"'{prefix}", 1)
+    return f"unknown key '{prefix}{key}'{close}"

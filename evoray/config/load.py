@@ -7,9 +7,9 @@ from typing import Any
 
 import yaml
 
-from evoray.config.fields import config_from_dict
+from evoray.config.fields import config_from_dict, unknown_key
 from evoray.config.sections import Config
-from evoray.errors import ConfigError, did_you_mean
+from evoray.errors import ConfigError
 
 __all__ = ["load_config", "parse_overrides", "apply_override", "config_from_dict",
            "config_to_dict", "dump_config"]
@@ -43,8 +43,7 @@ def apply_override(cfg: Any, key: str, value: Any, *, prefix: str = "") -> Any:
     head, _, rest = key.partition(".")
     names = {f.name for f in dataclasses.fields(cfg)}
     if head not in names:
-        close = did_you_mean(head, names).replace("'", f"'{prefix}", 1)
-        raise ConfigError(f"unknown key '{prefix}{key}'{close}")
+        raise ConfigError(unknown_key(type(cfg), key, names, prefix))
     current = getattr(cfg, head)
     if rest:
         if not dataclasses.is_dataclass(current):

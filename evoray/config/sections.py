@@ -6,6 +6,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from evoray.config.fields import _f, _Stage
+from evoray.config.selectors import (
+    SELECTOR_SETTINGS,
+    AttrDivSettings,
+    DiversitySettings,
+    EvoSelectSettings,
+    TsdsSettings,
+)
 from evoray.errors import ConfigError
 
 __all__ = ["Config", "FeaturesConfig", "SelectConfig", "TrainConfig", "GenerateConfig",
@@ -70,7 +77,28 @@ class SelectConfig(_Stage):
     eps: float = _f(0.01, "entropic regularisation of the OT (on centred cosine costs)")
     tau: float = _f(0.01, "KL penalty on the relaxed candidate marginal")
     seed: int = _f(0, "seed of randomised selectors and tie-breaking")
-    params: dict[str, Any] = _f({}, "further method-specific parameters (see each selector)")
+    evoselect: EvoSelectSettings = field(default_factory=EvoSelectSettings,
+                                         metadata={"help": "EvoSelect's other settings"})
+    tsds: TsdsSettings = field(default_factory=TsdsSettings, metadata={"help": "TSDS"})
+    diversity: DiversitySettings = field(default_factory=DiversitySettings,
+                                         metadata={"help": "Diversity"})
+    attr_div: AttrDivSettings = field(default_factory=AttrDivSettings,
+                                      metadata={"help": "Attr-Div"})
+    # keys that are gone, and where their settings went (an old config gets this hint)
+    moved: ClassVar[dict[str, str]] = {
+        "params": "each selector's settings are typed fields: select.evoselect.*, select.tsds.*, "
+                  "select.diversity.*, select.attr_div.* (e.g. select.evoselect.novelty=knn)"}
+
+    def method_params(self) -> dict:
+        """The keyword arguments of :func:`evoray.select.select` for ``method``: EvoSelect's
+        ``lam``, ``blocks``, ``eps``, ``tau`` and its other settings, or the method's own."""
+        import dataclasses
+
+        if self.method == "evoselect":
+            return {"lam": self.lam, "blocks": self.blocks, "eps": self.eps, "tau": self.tau,
+                    **dataclasses.asdict(self.evoselect)}
+        name = SELECTOR_SETTINGS.get(self.method)
+        return dataclasses.asdict(getattr(self, name)) if name else {}
 
     def _check(self) -> None:
         self._require(0.0 < self.ratio <= 1.0, "ratio", "must be in (0, 1]")

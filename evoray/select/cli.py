@@ -24,9 +24,11 @@ def register(subparsers) -> None:
     p.add_argument("--eps", type=float, help="EvoSelect OT entropic regularisation")
     p.add_argument("--tau", type=float, help="EvoSelect OT KL penalty")
     p.add_argument("--seed", type=int)
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="a method parameter (YAML value), e.g. --param novelty=knn; repeatable")
+    p.add_argument("--param", action="append", default=[], help=argparse.SUPPRESS)  # gone
     p.add_argument("--config", help="job YAML whose `select` section gives the defaults")
+    p.add_argument("overrides", nargs="*", metavar="select.KEY=VALUE",
+                   help="select settings, e.g. select.evoselect.novelty=knn select.tsds.kde_K=500 "
+                        "(as `evoray config` lists them)")
     p.add_argument("--pool", help="candidate pool file: also write OUT/selected.jsonl, the "
                                   "selected records joined on id, in rank order")
     p.add_argument("--dtype", choices=("float32", "float16"),
@@ -35,16 +37,23 @@ def register(subparsers) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from evoray.config import SelectConfig, load_config, parse_overrides
+    """The ``select`` section of ``--config`` (or the defaults), then the positional
+    ``select.key=value`` overrides, then the flags."""
+    from evoray.config import ConfigError, load_config
 
-    cfg = load_config(args.config).select if args.config else SelectConfig()
+    if args.param:
+        raise ConfigError(f"--param is gone: give select.<method>.<key>=<value> after the options, "
+                          f"e.g. select.evoselect.{args.param[0]}")
+    outside = [o for o in args.overrides if not o.startswith("select.")]
+    if outside:
+        raise ConfigError(f"override {outside[0]!r}: evoray select takes select.KEY=VALUE only")
+    cfg = load_config(args.config, args.overrides).select
     given = {name: getattr(args, name) for name in
              ("method", "ratio", "k", "lam", "blocks", "eps", "tau", "seed")
              if getattr(args, name) is not None}
     if "ratio" in given:
         given["k"] = None
-    params = {**cfg.params, **dict(parse_overrides(args.param))}
-    return dataclasses.replace(cfg, **given, params=params)
+    return dataclasses.replace(cfg, **given)
 
 
 def _cmd_select(args: argparse.Namespace) -> int:

@@ -175,9 +175,7 @@ def select_features(cfg, feats, tfeats, keys=None) -> tuple[int, Selection]:
     """
     from evoray.select.api import budget, select
 
-    params = dict(cfg.params)
-    if cfg.method == "evoselect":
-        params = {"lam": cfg.lam, "blocks": cfg.blocks, "eps": cfg.eps, "tau": cfg.tau, **params}
+    params = cfg.method_params()
     k = budget(len(feats), k=cfg.k, ratio=cfg.ratio)
     return k, select(feats.X, tfeats.X, k, method=cfg.method, seed=cfg.seed, ids=feats.ids,
                      target_ids=tfeats.ids, keys=keys, **params)

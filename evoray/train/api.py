@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from evoray.config import TrainConfig
-from evoray.errors import EvorayError, TrainError
+from evoray.errors import EvorayError, RecordError, TrainError
 
 __all__ = ["TrainResult", "train"]
 
@@ -58,7 +58,13 @@ def _rows(records_path: str, model_spec: str, cfg: TrainConfig, cache_dir: str |
     from evoray.data import encode_pairs, read_records
     from evoray.models import load_tokenizer
 
-    records = read_records(records_path, "candidate")
+    try:
+        records = read_records(records_path, "candidate")
+    except RecordError as e:  # target records (with `subtask`) train on prompt and response too
+        try:
+            records = read_records(records_path, "target")
+        except RecordError:
+            raise e from None
     tok = load_tokenizer(model_spec, cache_dir=cache_dir)
     encoded, skipped = encode_pairs(tok, records, cfg.max_length, on_overflow=cfg.on_overflow)
     if not encoded:

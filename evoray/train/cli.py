@@ -5,16 +5,22 @@ from __future__ import annotations
 import argparse
 import time
 
-from evoray.config import TrainConfig, apply_override, parse_overrides
+from evoray.config import TrainConfig
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
-    from evoray.config import load_config
+    """The ``train`` section of ``--config`` (or the defaults), then the positional
+    ``train.key=value`` overrides."""
+    from evoray.config import ConfigError, load_config
 
-    cfg = load_config(args.config).train if args.config else TrainConfig()
-    for key, value in parse_overrides(args.set or []):
-        cfg = apply_override(cfg, key, value, prefix="train.")
-    return cfg
+    if args.set is not None:
+        example = args.set[0] if args.set else "lr=1e-3"
+        raise ConfigError(f"--set is gone: give train.KEY=VALUE after the options, e.g. "
+                          f"train.{example}")
+    outside = [o for o in args.overrides if not o.startswith("train.")]
+    if outside:
+        raise ConfigError(f"override {outside[0]!r}: evoray train takes train.KEY=VALUE only")
+    return load_config(args.config, args.overrides).train
 
 
 def _table(rows: list[tuple[str, str]]) -> None:
@@ -69,14 +75,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     """Add the ``train``, ``eval`` and ``export`` commands to the ``evoray`` sub-parsers."""
     p = sub.add_parser("train", help="LoRA fine-tuning on Ray Train")
-    p.add_argument("--data", required=True, help="candidate records to train on (path or URI)")
+    p.add_argument("--data", required=True, help="records to train on (path or URI): candidates, "
+                   "or targets (their prompt and response)")
     p.add_argument("--model", required=True, help="base model spec")
     p.add_argument("--adapter", help="continue this adapter (default: a fresh LoRA)")
     p.add_argument("--out", required=True, help="output folder for the adapter (path or URI)")
     p.add_argument("--name", help="Ray Train run name; reuse it to resume a run")
     p.add_argument("--config", help="YAML job config whose `train` section is used")
-    p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
-                   help="train settings, e.g. lr=1e-3 num_workers=2")
+    p.add_argument("--set", nargs="*", help=argparse.SUPPRESS)  # gone: train.KEY=VALUE
+    p.add_argument("overrides", nargs="*", metavar="train.KEY=VALUE",
+                   help="train settings, e.g. train.lr=1e-3 train.num_workers=2 (as `evoray "
+                        "config` lists them)")
     p.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="MCQ accuracy and response loss on a test file")

@@ -147,7 +147,7 @@ def test_evolve_job_writes_every_round(head, quick_run, quick_round_one):
     run, ref = quick_round_one, quick_run["run_dir"]
     result = subprocess.run(
         [head["ray"], "job", "submit", "--address", head["address"], "--working-dir", str(ROOT),
-         "--", "python", "jobs/evolve.py", "--config", "jobs/configs/quick.yaml",
+         "--", "python", "jobs/evolve.py", "jobs/configs/quick.yaml",
          f"evolve.run_dir={run}", "--resume"],
         env=head["env"], capture_output=True, text=True, timeout=540)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]

@@ -29,3 +29,20 @@ def test_gpu_cluster_config():
     # Several nodes write and read these: they must be shared storage, not a node's disk.
     for where in (cfg.evolve.run_dir, cfg.train.storage_path, cfg.sweep.sweep_dir):
         assert where.startswith("s3://"), where
+
+
+@pytest.mark.parametrize("job", ["evolve", "sweep"])
+def test_jobs_take_the_config_as_the_cli_does(job):
+    """``jobs/<job>.py CONFIG [overrides] [--resume]`` as ``evoray <job>``; the old ``--config``
+    form is a one-line error naming the new one."""
+    import subprocess
+    import sys
+
+    script = CONFIGS.parent / f"{job}.py"
+    old = subprocess.run([sys.executable, str(script), "--config", "x.yaml"], capture_output=True,
+                         text=True, timeout=120)
+    assert old.returncode == 2
+    assert "--config is gone" in old.stderr and f"python jobs/{job}.py CONFIG" in old.stderr
+    bad = subprocess.run([sys.executable, str(script), str(CONFIGS / "quick.yaml"),
+                          "select.ratio=2"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "select.ratio: 2.0 is out of range" in bad.stderr

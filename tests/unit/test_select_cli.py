@@ -57,13 +57,31 @@ def test_select_other_methods_with_k(files, method):
     assert table.num_rows <= 15 and sum(table["count"].to_pylist()) == 15
 
 
-def test_select_params_and_config(files, tmp_path):
+def test_select_settings_and_config(files, tmp_path):
     cfg = tmp_path / "job.yaml"
-    cfg.write_text("select: {method: evoselect, k: 12, lam: 0.5, params: {novelty: knn}}\n")
-    assert run(files, "--config", str(cfg), "--param", "nprobe=4") == 0
+    cfg.write_text("select: {method: evoselect, k: 12, lam: 0.5, evoselect: {novelty: knn}}\n")
+    assert run(files, "--config", str(cfg), "select.evoselect.nprobe=4") == 0
     summary = json.loads((files / "out" / "summary.json").read_text())
     assert summary["k"] == 12 and summary["diagnostics"]["novelty"] == "knn"
-    assert summary["diagnostics"]["params"]["lam"] == 0.5
+    params = summary["diagnostics"]["params"]
+    assert params["lam"] == 0.5 and params["nprobe"] == 4 and params["novelty"] == "knn"
+
+
+def test_selector_settings_match_the_functions():
+    """The typed settings' defaults are the selector functions' keyword defaults."""
+    import dataclasses
+    import inspect
+
+    from evoray.config import SelectConfig
+    from evoray.select.api import METHODS
+
+    cfg = SelectConfig()
+    for method in METHODS:
+        given = SelectConfig(method=method).method_params()
+        defaults = {n: p.default for n, p in inspect.signature(METHODS[method]).parameters.items()
+                    if p.default is not inspect.Parameter.empty and n not in ("seed", "subtasks")}
+        assert given == defaults, method
+    assert {f.name for f in dataclasses.fields(cfg.attr_div)} >= {"drop", "cluster_ratio"}
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -72,7 +90,10 @@ def test_select_params_and_config(files, tmp_path):
     (["--k", "0"], "select.k: 0 is out of range"),
     (["--k", "201"], "got 201"),
     (["--method", "tsd"], "did you mean 'tsds'"),
-    (["--param", "lamb=0.3"], "did you mean 'lam'"),
+    (["select.lamb=0.3"], "did you mean 'select.lam'"),
+    (["select.evoselect.novelty=kn"], "did you mean 'knn'"),
+    (["--param", "novelty=knn"], "--param is gone: give select.<method>.<key>=<value>"),
+    (["train.lr=1"], "evoray select takes select.KEY=VALUE only"),
 ])
 def test_select_bad_input_is_one_line(files, capsys, extra, message):
     assert run(files, *extra) == 2

@@ -25,8 +25,9 @@ def test_train_eval_export(tmp_path, capsys):
     write_records(read_records(paths["train"], "candidate")[:16], small, "candidate")
     write_records(read_records(paths["test"], "mcq")[:12], test, "mcq")
     out = str(tmp_path / "adapter")
-    assert main(["train", "--data", small, "--model", "tiny-llama", "--out", out, "--set",
-                 "max_steps=3", "batch_size=8", "max_length=128", "lr=1e-2"]) == 0
+    assert main(["train", "--data", small, "--model", "tiny-llama", "--out", out,
+                 "train.max_steps=3", "train.batch_size=8", "train.max_length=128",
+                 "train.lr=1e-2"]) == 0
     text = capsys.readouterr().out
     assert "loss first -> last" in text and "examples" in text
     assert os.path.exists(os.path.join(out, "adam_state.safetensors"))
@@ -60,5 +61,15 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
                  str(tmp_path / "missing.jsonl")]) == 2
     assert "evoray: error:" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "x.jsonl"), "--model", "tiny-llama", "--out",
-                 str(tmp_path / "o"), "--set", "lr=-1"]) == 2
-    assert "train.lr" in capsys.readouterr().err
+                 str(tmp_path / "o"), "train.lr=-1"]) == 2
+    assert "train.lr: -1.0 is out of range" in capsys.readouterr().err
+
+
+def test_train_takes_target_records(tmp_path, capsys):
+    """A targets file (records with ``subtask``) trains on its prompts and responses."""
+    paths = write_task("compare", str(tmp_path / "task"), pool_size=20, seed=0)
+    out = str(tmp_path / "adapter")
+    assert main(["train", "--data", paths["targets"], "--model", "tiny-llama", "--out", out,
+                 "train.max_steps=2", "train.batch_size=8", "train.max_length=128"]) == 0
+    n = len(read_records(paths["targets"], "target"))
+    assert f"examples            {n} (0 skipped)" in capsys.readouterr().out
