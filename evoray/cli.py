@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_features(sub)
 
-    from evoray.select.cli import register as register_select
+    from evoray.select_cmd import register as register_select
 
     register_select(sub)
 

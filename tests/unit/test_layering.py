@@ -5,7 +5,7 @@ name (``_x``) of another.
 The layers, lowest first::
 
     errors < storage < faults < config < data < models, lora, ray_utils < tasks
-      < features | select | train < generate < stages < evolve
+      < features | select | train < generate < stages < evolve, select_cmd
       < tune_space, tune_trial, tune_report < tune < report_run < report < demo < cli
 
 Two places differ from the first plan of this order, on purpose:
@@ -31,8 +31,9 @@ import evoray
 
 LAYERS = [("errors",), ("storage",), ("faults",), ("config",), ("data",),
           ("models", "lora", "ray_utils"), ("tasks",), ("features", "select", "train"),
-          ("generate",), ("stages",), ("evolve",), ("tune_space", "tune_trial", "tune_report"),
-          ("tune",), ("report_run",), ("report",), ("demo",), ("cli",)]
+          ("generate",), ("stages",), ("evolve", "select_cmd"),
+          ("tune_space", "tune_trial", "tune_report"), ("tune",), ("report_run",), ("report",),
+          ("demo",), ("cli",)]
 PEERS_MAY_IMPORT = {("models", "lora", "ray_utils")}
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 ROOT = pathlib.Path(evoray.__file__).parent
