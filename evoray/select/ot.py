@@ -8,11 +8,13 @@ The target marginal ``b`` is enforced exactly; the candidate marginal is only pu
 reference ``a`` (uniform over the candidates still in play) by a KL penalty, so the mass a
 candidate receives, ``r_i = Σ_j π_ij``, measures how strongly the targets pull on it. This is
 POT's ``ot.unbalanced.sinkhorn_unbalanced(a, b, C, eps, reg_m=(tau, inf))`` (KL reference
-``a⊗b``), which the tests compare against. POT's iterations live in the scaling domain and stop
-unconverged (or overflow) at the small ``eps`` used here, hence this solver: dual potentials
-``f`` (N,) and ``g`` (M,) are kept in the log domain and absorbed into a kernel
-``K_ij = exp((f_i + g_j − C_ij)/eps)`` (Schmitzer's stabilisation); between absorptions the
-updates are matrix-vector products with ``K``, which is what makes 10⁵ × 10³ costs affordable::
+``a⊗b``), which the tests compare against. POT solves the dense problem as well (and faster on a
+first block: ``benchmarks/ot_solvers.py``), but it has no kNN-sparse form, which EvoSelect needs
+above ``sparse_above`` candidates; one solver serves both, so dense and sparse selections share
+their numerics and warm starts. Dual potentials ``f`` (N,) and ``g`` (M,) are kept in the log
+domain and absorbed into a kernel ``K_ij = exp((f_i + g_j − C_ij)/eps)`` (Schmitzer's
+stabilisation); between absorptions the updates are matrix-vector products with ``K``, which is
+what makes 10⁵ × 10³ costs affordable::
 
     g-step (exact):  g_j ← −eps·log Σ_i a_i exp((f_i − C_ij)/eps)
     f-step (KL):     f_i ← −tau/(tau + eps) · eps·log Σ_j b_j exp((g_j − C_ij)/eps)
