@@ -11,12 +11,13 @@ on a local Ray started with a 2 GiB object store. Shows three limits:
 
 How each figure is measured, while ``featurize`` runs in the main thread:
 
-* object-store use, spill and fallback bytes: a background thread asks the raylet every
-  ``--interval`` seconds for its store stats (``ray._private.internal_api.get_memory_info_reply``,
-  the reply behind ``ray memory --stats-only``: ``object_store_bytes_used``,
-  ``spilled_bytes_total``, ``object_store_bytes_fallback``); the peak is the largest sample. At the
-  end, the same stats once more (``spilled_bytes_total`` is cumulative, so a spill between two
-  samples is still counted) and the bytes of files in Ray's spill directory, sampled as well;
+* object-store use, spill and fallback bytes: a background thread runs Ray's public CLI,
+  ``ray memory --stats-only``, every ``--interval`` seconds (about 1 s a call) and reads its
+  aggregate store stats: ``Plasma memory usage`` (MiB), ``Spilled`` (MiB, cumulative) and
+  ``Plasma filesystem mmap usage`` (fallback allocations); the peak is the largest sample. At
+  the end, the same stats once more (spilling is cumulative, so a spill between two samples is
+  still counted) and the bytes of files in Ray's spill directory (under the session folder,
+  ``$RAY_TMPDIR`` or ``/tmp/ray``, ``session_latest``), sampled as well;
 * driver RSS: the same thread samples ``psutil.Process().memory_info().rss``; the kernel's own
   peak, ``resource.getrusage(RUSAGE_SELF).ru_maxrss``, covers the whole process life (imports,
   Ray start), with no sampling gap. The pool is generated in a subprocess so that it does not count.
@@ -65,15 +66,36 @@ def make_pool(n: int, work: Path) -> tuple[str, float]:
     return str(pool), time.perf_counter() - t0
 
 
-def spill_dir() -> str | None:
-    """The local node's object-spilling directory (Ray's default: the session folder)."""
-    import ray._private.worker as worker
+def spill_dir() -> str:
+    """The local node's session folder, under which Ray's default object spilling writes
+    (``ray_spilled_objects*``): ``$RAY_TMPDIR/session_latest``, ``/tmp/ray`` by default."""
+    return os.path.join(os.environ.get("RAY_TMPDIR", "/tmp/ray"), "session_latest")
 
-    node = worker._global_node
-    config = json.loads(node._object_spilling_config or "{}")
-    path = config.get("params", {}).get("directory_path")
-    path = path[0] if isinstance(path, list) else path
-    return path or node.get_session_dir_path()
+
+MIB = 1024**2
+# Ray's CLI beside this interpreter (a venv run without activation), else on PATH
+RAY_CLI = os.path.join(os.path.dirname(sys.executable), "ray")
+RAY_CLI = RAY_CLI if os.path.exists(RAY_CLI) else "ray"
+_STATS = {"used": r"Plasma memory usage (\d+) MiB, (\d+) objects",
+          "spilled": r"Spilled (\d+) MiB, (\d+) objects",
+          "fallback": r"Plasma filesystem mmap usage: (\d+) MiB"}
+
+
+def store_stats(address: str) -> dict:
+    """The aggregate object-store figures of ``ray memory --stats-only`` (bytes; MiB precision):
+    ``used``, ``objects``, ``spilled``, ``spilled_objects``, ``fallback`` (absent lines: 0)."""
+    import re
+
+    out = subprocess.run([RAY_CLI, "memory", "--stats-only", "--address", address],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    stats = {"used": 0, "objects": 0, "spilled": 0, "spilled_objects": 0, "fallback": 0}
+    for key, pattern in _STATS.items():
+        m = re.search(pattern, out)
+        if m:
+            stats[key] = int(m.group(1)) * MIB
+            if key in ("used", "spilled"):
+                stats["objects" if key == "used" else "spilled_objects"] = int(m.group(2))
+    return stats
 
 
 def spilled_file_bytes(root: str | None) -> int:
@@ -94,10 +116,9 @@ class Sampler(threading.Thread):
     def __init__(self, interval: float):
         super().__init__(daemon=True)
         import ray
-        from ray._private.internal_api import get_state_from_address
 
         self.interval = interval
-        self.state = get_state_from_address(ray.get_runtime_context().gcs_address)
+        self.address = ray.get_runtime_context().gcs_address
         self.proc = psutil.Process()
         self.spill_root = spill_dir()
         self.samples: list[dict] = []
@@ -105,17 +126,11 @@ class Sampler(threading.Thread):
         self._halt = threading.Event()
 
     def sample(self) -> dict:
-        from ray._private.internal_api import get_memory_info_reply
-
         s = {"t": time.perf_counter(), "rss": self.proc.memory_info().rss,
              "spill_files": spilled_file_bytes(self.spill_root)}
         try:
-            st = get_memory_info_reply(self.state, timeout_seconds=10).store_stats
-            s.update(used=st.object_store_bytes_used, avail=st.object_store_bytes_avail,
-                     primary=st.object_store_bytes_primary_copy,
-                     fallback=st.object_store_bytes_fallback, spilled=st.spilled_bytes_total,
-                     spilled_objects=st.spilled_objects_total, objects=st.num_local_objects)
-        except Exception:  # a slow raylet reply: keep the RSS sample, count the miss
+            s.update(store_stats(self.address))
+        except (subprocess.SubprocessError, OSError):  # a slow reply: keep the RSS sample
             self.errors += 1
         return s
 
@@ -147,7 +162,7 @@ def main() -> int:
     ap.add_argument("--actors", type=int, default=2, help="features.num_actors")
     ap.add_argument("--store-gb", type=float, default=2.0, help="object store size and limit, GiB")
     ap.add_argument("--rss-gb", type=float, default=2.0, help="driver peak RSS limit, GB (1e9)")
-    ap.add_argument("--interval", type=float, default=0.25, help="sampling period, seconds")
+    ap.add_argument("--interval", type=float, default=1.0, help="sampling period, seconds")
     ap.add_argument("--keep", action="store_true", help="keep the features folder")
     args = ap.parse_args()
 
@@ -158,7 +173,6 @@ def main() -> int:
 
     import pyarrow.parquet as pq
     import ray
-    from ray._private.internal_api import memory_summary
 
     from evoray.config import FeaturesConfig
     from evoray.features.stage import featurize
@@ -177,7 +191,9 @@ def main() -> int:
         featurize(pool, MODEL, cfg=cfg, out=str(features))
         wall = time.perf_counter() - t0
         last = sampler.stop()
-        summary = memory_summary(ray.get_runtime_context().gcs_address, stats_only=True)
+        summary = subprocess.run([RAY_CLI, "memory", "--stats-only", "--address",
+                                  sampler.address], capture_output=True, text=True,
+                                 timeout=30).stdout
         spill_root = sampler.spill_root
         spill_left = spilled_file_bytes(spill_root)
     finally:
@@ -213,7 +229,6 @@ def main() -> int:
         "wall_s": round(wall, 1), "samples_per_s": round(args.n / wall, 1),
         "featurize_seconds_meta": meta["seconds"],
         "object_store_bytes": store, "peak_object_store_bytes": peak_store,
-        "peak_object_store_primary_bytes": sampler.peak("primary"),
         "peak_object_store_objects": sampler.peak("objects"),
         "spilled_bytes_total": spilled, "spilled_objects_total": last.get("spilled_objects", 0),
         "fallback_mmap_bytes_peak": fallback, "spill_dir": spill_root,
@@ -229,11 +244,9 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "ray": ray.__version__},
         "methods": {
-            "object_store": "raylet store stats (object_store_bytes_used) from "
-                            "ray._private.internal_api.get_memory_info_reply, sampled",
-            "spilled": "store_stats.spilled_bytes_total (cumulative) + "
-                       "object_store_bytes_fallback (sampled) + bytes of files in the spill dir "
-                       "(sampled)",
+            "object_store": "Plasma memory usage of `ray memory --stats-only`, sampled",
+            "spilled": "Spilled of `ray memory --stats-only` (cumulative) + Plasma filesystem "
+                       "mmap usage (sampled) + bytes of files in the spill dir (sampled)",
             "driver_rss": "max of psutil RSS samples and getrusage(RUSAGE_SELF).ru_maxrss",
         },
     }
@@ -273,9 +286,9 @@ def main() -> int:
         f"{MODEL} on {args.actors} feature actors (0.5 CPU each), dim {meta['dim']}, local Ray "
         f"{ray.__version__} with a {fmt_gb(store)} object store, {os.cpu_count()} CPUs.\n\n"
         + "\n".join(md) + "\n\n"
-        "Object store: the raylet's `object_store_bytes_used`, sampled every "
-        f"{args.interval} s. Spilled: Ray's cumulative `spilled_bytes_total`, plus file-backed "
-        "fallback allocations and files in the spill folder. Driver RSS: the larger of psutil "
+        "Object store: `Plasma memory usage` of `ray memory --stats-only`, sampled every "
+        f"{args.interval} s. Spilled: its cumulative `Spilled`, plus file-backed fallback "
+        "allocations and files in the spill folder. Driver RSS: the larger of psutil "
         "samples and `getrusage` `ru_maxrss` (the whole process life).\n")
     if not args.keep:
         shutil.rmtree(features, ignore_errors=True)
