@@ -95,8 +95,21 @@ def run_cell(work: str, pool_size: int, model: str, gen: str, recipe: str, seed:
     return row
 
 
-def _sd(xs: list[float]) -> float:
-    return statistics.stdev(xs) if len(xs) > 1 else float("nan")
+def _mean_sd(xs: list[float]) -> str:
+    return (f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else
+            f"{xs[0]:.3f}")
+
+
+def _settings(train: dict) -> str:
+    """Every TrainConfig setting the recipe runs with (its own and the defaults it keeps) that
+    shapes learning."""
+    from evoray.config import TrainConfig, config_to_dict
+
+    full = config_to_dict(TrainConfig(**train))
+    keys = ("epochs", "lr", "schedule", "warmup_ratio", "batch_size", "lora_r", "lora_alpha",
+            "lora_dropout", "weight_decay", "max_grad_norm", "max_length")
+    return ", ".join(f"{k}={full[k]}" for k in keys) + \
+        f", LoRA on {len(full['target_modules'])} projections"
 
 
 def report(rows: dict) -> str:
@@ -110,18 +123,15 @@ def report(rows: dict) -> str:
         groups.setdefault((r["recipe"], r["threads"], r["gen"]), []).append(r)
     for (recipe, threads, gen), rs in sorted(groups.items()):
         rs.sort(key=lambda r: r["seed"])
-        t = rs[0]["train"]
         out += [f"### {recipe}, {gen} pool, {threads} torch thread(s)", "",
-                "Settings: " + ", ".join(f"{k}={v}" for k, v in sorted(t.items())
-                                         if k != "target_modules")
-                + f", LoRA on {len(t['target_modules'])} projections.", "",
+                f"Settings: {_settings(rs[0]['train'])}.", "",
                 "| epochs | mean ± s.d. | " + " | ".join(f"seed {r['seed']}" for r in rs) + " |",
                 "|---" * (len(rs) + 2) + "|"]
         epochs = sorted({int(e) for r in rs for e in r["dev"]})
         for e in epochs:
             accs = [r["dev"].get(str(e), {}).get("accuracy") for r in rs]
             have = [a for a in accs if a is not None]
-            out.append(f"| {e} | {statistics.mean(have):.3f} ± {_sd(have):.3f} | " + " | ".join(
+            out.append(f"| {e} | {_mean_sd(have)} | " + " | ".join(
                 "–" if a is None else f"{a:.3f}" for a in accs) + " |")
         if any("test_accuracy" in r for r in rs):
             out.append("| test (final) | | " + " | ".join(

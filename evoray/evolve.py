@@ -61,6 +61,7 @@ from evoray.stages import (
     generate_inputs,
     generate_pool,
     mix,
+    task_records,
     versions,
 )
 from evoray.storage import atomic_write_bytes, read_bytes, remove_temporaries
@@ -99,19 +100,17 @@ class _Loop:
         ev = self.cfg.evolve
         if ev.targets:
             return {"targets": ev.targets, "dev": ev.dev, "test": ev.test}
-        from evoray.tasks import make_splits, split_records
-
         folder = f"{self.run}/task"
         paths = {name: f"{folder}/{name}.jsonl" for name in ("targets", "dev", "test")}
         paths = {**paths, **{k: v for k, v in (("dev", ev.dev), ("test", ev.test)) if v}}
 
-        def write():
-            splits = make_splits(ev.task, self.cfg.seed)
-            kinds = {"targets": ("val", "target"), "dev": ("dev", "mcq"), "test": ("test", "mcq")}
-            for name, (split, kind) in kinds.items():
+        def write():  # the built-in task's splits, where the config gives no file
+            records = dict(zip(("targets", "dev", "test"), task_records(self.cfg), strict=True))
+            kinds = {"targets": "target", "dev": "mcq", "test": "mcq"}
+            for name, kind in kinds.items():
                 if paths[name].startswith(folder):
-                    write_records(split_records(splits, split), paths[name], kind)
-            return {"task": ev.task, **{k: len(splits.splits[s]) for k, (s, _) in kinds.items()}}
+                    write_records(records[name], paths[name], kind)
+            return {"task": ev.task, **{k: len(v) for k, v in records.items()}}
 
         self.stage("task", [ev.task, self.cfg.seed], list(paths.values()), write)
         return paths

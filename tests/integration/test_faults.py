@@ -164,6 +164,9 @@ def test_feature_actor_killed_after_its_first_batch_gives_identical_features(
         quick_run, ray_session, tmp_path, monkeypatch):
     """The actor's process is SIGKILLed the moment Ray Data's executor (in this process) sees
     its first batch finished: the other batches are still to do, on the same actor."""
+    # Private Ray, on purpose: the State API's list_actors needs the dashboard, which the suite's
+    # Ray does not run (so the GCS actor table), and Ray Data has no public hook for "a task of
+    # this operator finished" (so its metrics callback, wrapped).
     from ray._private.state import actors
     from ray.data._internal.execution.interfaces.op_runtime_metrics import OpRuntimeMetrics
 

@@ -17,6 +17,9 @@ import jsonschema
 import pytest
 import ray
 import yaml
+
+# Ray has no public API that fills a cluster config's defaults and validates it as `ray up` does;
+# these are the functions `ray up` itself calls.
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[2]
