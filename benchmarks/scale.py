@@ -16,8 +16,9 @@ How each figure is measured, while ``featurize`` runs in the main thread:
   aggregate store stats: ``Plasma memory usage`` (MiB), ``Spilled`` (MiB, cumulative) and
   ``Plasma filesystem mmap usage`` (fallback allocations); the peak is the largest sample. At
   the end, the same stats once more (spilling is cumulative, so a spill between two samples is
-  still counted) and the bytes of files in Ray's spill directory (under the session folder,
-  ``$RAY_TMPDIR`` or ``/tmp/ray``, ``session_latest``), sampled as well;
+  still counted) and the bytes of files in Ray's spill directory (this Ray's own session
+  folder), sampled as well. The CLI reports MiB, so a spill under 1 MiB shows only in the
+  spill-folder bytes, which count every byte;
 * driver RSS: the same thread samples ``psutil.Process().memory_info().rss``; the kernel's own
   peak, ``resource.getrusage(RUSAGE_SELF).ru_maxrss``, covers the whole process life (imports,
   Ray start), with no sampling gap. The pool is generated in a subprocess so that it does not count.
@@ -38,6 +39,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -67,9 +69,12 @@ def make_pool(n: int, work: Path) -> tuple[str, float]:
 
 
 def spill_dir() -> str:
-    """The local node's session folder, under which Ray's default object spilling writes
-    (``ray_spilled_objects*``): ``$RAY_TMPDIR/session_latest``, ``/tmp/ray`` by default."""
-    return os.path.join(os.environ.get("RAY_TMPDIR", "/tmp/ray"), "session_latest")
+    """This Ray's session folder, under which its default object spilling writes
+    (``ray_spilled_objects*``). ``main`` gives this benchmark's Ray a temp folder of its own
+    (``RAY_TMPDIR``), so ``session_latest`` there is this session's, whatever other Ray runs."""
+    import ray
+
+    return os.path.join(ray.get_runtime_context().get_temp_dir(), "session_latest")
 
 
 MIB = 1024**2
@@ -178,6 +183,7 @@ def main() -> int:
     from evoray.features.stage import featurize
 
     store = int(args.store_gb * GiB)
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="evoray-scale-")  # a session of its own
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=store,
              configure_logging=False, log_to_driver=False)
     features = work / "features"

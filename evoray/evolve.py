@@ -61,6 +61,7 @@ from evoray.stages import (
     generate_inputs,
     generate_pool,
     mix,
+    select_inputs,
     task_records,
     versions,
 )
@@ -167,8 +168,7 @@ class _Loop:
             return {"method": cfg.select.method, "selected": summary["selected"],
                     "of": len(feats)}
 
-        sel_digest, _ = self.stage(f"round_{r:02d}/select", [feat_digest,
-                                                            config_to_dict(cfg.select)],
+        sel_digest, _ = self.stage(f"round_{r:02d}/select", [feat_digest, select_inputs(cfg)],
                                    [f"{sel_dir}/selected.jsonl", f"{sel_dir}/scores.parquet"],
                                    select)
         selected = f"{sel_dir}/selected.jsonl"

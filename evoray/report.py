@@ -3,7 +3,7 @@
 Reads what the round loop wrote (``manifest.json``, ``base/metrics.json``, ``round_NN/...``) and
 writes ``report.md`` and ``plots/*.png`` beside it (or under ``out``). Paths may be local or
 pyarrow URIs (``s3://``...): files are read through :func:`evoray.storage.resolve` and written with
-:func:`evoray.data.io.atomic_write_bytes`; figures are drawn on ``matplotlib.figure.Figure`` with
+:func:`evoray.storage.atomic_write_bytes`; figures are drawn on ``matplotlib.figure.Figure`` with
 the Agg canvas and rendered to memory, so no pyplot state is shared between calls.
 
 A round still running, or stopped, gets a row naming its first missing stage; the report never

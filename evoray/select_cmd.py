@@ -62,7 +62,8 @@ def _config(args: argparse.Namespace):
     outside = [o for o in args.overrides if not o.startswith(allowed)]
     if outside:
         raise ConfigError(f"override {outside[0]!r}: evoray select takes "
-                          f"{', '.join(a.rstrip('.=') + '.KEY=VALUE' for a in allowed[:2])} only")
+                          + ("select.KEY=VALUE" if args.features else
+                             "select.KEY=VALUE, features.KEY=VALUE, model=NAME") + " only")
     cfg = load_config(args.config, args.overrides)
     given = {name: getattr(args, name) for name in
              ("method", "ratio", "k", "lam", "blocks", "eps", "tau", "seed")
@@ -77,15 +78,16 @@ def _features(cfg, args: argparse.Namespace) -> tuple[str, str]:
     (computed, or reused when their inputs and settings match)."""
     from evoray.config import ConfigError
     from evoray.data import detect_format
+    from evoray.ray_utils import init_ray
     from evoray.stages import featurize_round
-    from evoray.storage import exists
 
     if not args.pool:
         raise ConfigError("evoray select: give --features (a features folder) or --pool and "
                           "--targets as record files, whose features are then computed")
-    if exists(f"{args.targets.rstrip('/')}/meta.json"):
-        raise ConfigError(f"--targets {args.targets}: a features folder; give the pool's "
-                          "features with --features, or target records")
+    if _is_features(args.targets):
+        raise ConfigError(f"--targets {args.targets}: features (a folder or Parquet with a "
+                          "'feature' column); give the pool's features with --features too, or "
+                          "give target records")
     detect_format(args.pool)
     detect_format(args.targets)
     if args.model:
@@ -98,8 +100,29 @@ def _features(cfg, args: argparse.Namespace) -> tuple[str, str]:
     fpool, ftargets = f"{out}/features/pool", f"{out}/features/targets"
     print(f"[select] features of {args.pool} and {args.targets} with {cfg.model} -> "
           f"{out}/features", flush=True)
-    featurize_round(cfg, args.pool, args.targets, fpool, ftargets)
+    started = init_ray()  # one local Ray for both featurize calls
+    try:
+        featurize_round(cfg, args.pool, args.targets, fpool, ftargets)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
     return fpool, ftargets
+
+
+def _is_features(path: str) -> bool:
+    """A features folder (``meta.json``) or a Parquet file with a ``feature`` column."""
+    from evoray.storage import exists, resolve
+
+    if exists(f"{path.rstrip('/')}/meta.json"):
+        return True
+    if not path.endswith(".parquet") or not exists(path):
+        return False
+    import pyarrow.parquet as pq
+
+    fs, p = resolve(path)
+    return "feature" in pq.read_schema(p, filesystem=fs).names
 
 
 def _cmd_select(args: argparse.Namespace) -> int:

@@ -31,11 +31,14 @@ from evoray.faults import from_env
 from evoray.storage import atomic_write_bytes, exists, read_bytes
 from evoray.tasks import KINDS  # the simulated generator's candidate kinds (``meta.kind``)
 
-__all__ = ["Manifest", "digest", "file_digest", "versions", "normal_text",
+__all__ = ["MANIFEST_VERSION", "Manifest", "digest", "file_digest", "versions", "normal_text",
            "eval_prompts", "clean_pool", "mix", "task_records", "generate_inputs",
-           "generate_pool", "features_inputs", "featurize_round"]
+           "generate_pool", "features_inputs", "featurize_round", "select_inputs"]
 
 log = logging.getLogger(__name__)
+# Version 2: stage inputs through :mod:`evoray.stages` (features keyed by value settings only,
+# selection by the method's own settings); a manifest of another version is refused.
+MANIFEST_VERSION = 2
 
 
 
@@ -56,7 +59,7 @@ class Manifest:
         self.run_dir = run_dir.rstrip("/")
         self.path = f"{self.run_dir}/manifest.json"
         self.faults = from_env()
-        self.data = {"version": 1, "config": None, "stages": {}}
+        self.data = {"version": MANIFEST_VERSION, "config": None, "stages": {}}
         if exists(self.path):
             try:
                 self.data = json.loads(read_bytes(self.path))
@@ -66,6 +69,11 @@ class Manifest:
             if not isinstance(self.data, dict) or not isinstance(self.data.get("stages"), dict):
                 raise EvorayError(f"{self.path}: not an evoray manifest (expected an object with "
                                   "a 'stages' object); move it away to start the run afresh")
+            if self.data.get("version") != MANIFEST_VERSION:
+                raise EvorayError(
+                    f"{self.path}: made by another evoray (manifest version "
+                    f"{self.data.get('version')!r}, this one writes {MANIFEST_VERSION}), whose "
+                    "stage hashes differ; start a new run (or sweep) folder")
 
     @property
     def stages(self) -> dict:
@@ -293,3 +301,11 @@ def featurize_round(cfg: Config, clean: str, targets: str, out_pool: str, out_ta
     featurize(targets, cfg.model, proxy, cfg.features, out=out_targets, kind="target",
               cache_dir=cfg.cache_dir)
     return {"proxy": proxy_name}
+
+
+def select_inputs(cfg: Config) -> dict:
+    """What a selection depends on: method, budget, seed and the method's own settings (not the
+    settings of the other selectors)."""
+    sel = cfg.select
+    return {"method": sel.method, "ratio": sel.ratio, "k": sel.k, "seed": sel.seed,
+            **sel.method_params()}

@@ -241,10 +241,10 @@ def sweep(cfg: Config, *, resume: bool = False, say=print) -> dict:
                               f"{root} started with; a resumed sweep keeps its settings")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     concurrency = plan_concurrency(cfg, *cluster_resources(cfg)) if cfg.sweep.resources else None
-    handler = _SayHandler(say)
-    _PROGRESS.addHandler(handler)
-    started = _start_ray(cfg)
+    handler, started = _SayHandler(say), False
     try:
+        _PROGRESS.addHandler(handler)
+        started = _start_ray(cfg)
         concurrency = concurrency or plan_concurrency(cfg, *cluster_resources(cfg))
         _, need = trial_resources(cfg)
         total = expected_trials(cfg, space)

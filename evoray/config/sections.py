@@ -66,7 +66,9 @@ class FeaturesConfig(_Stage):
 
 @dataclass
 class SelectConfig(_Stage):
-    """Selection of a budget of candidates; see docs/algorithms.md §3-4."""
+    """Selection of a budget of candidates; see docs/algorithms.md §3-4. (Target subtask
+    labels for ``attribution``/``attr_div``, ``subtasks=``, are data, not settings: Python API
+    only, :func:`evoray.select.select`.)"""
 
     section: ClassVar[str] = "select"
     method: Literal[SELECT_METHODS] = _f("evoselect", "selector: " + ", ".join(SELECT_METHODS))

@@ -104,7 +104,8 @@ def train(records_path: str, model_spec: str, init_adapter: str | None = None,
     """Fine-tune a LoRA adapter of ``model_spec`` on the (prompt, response) records.
 
     Args:
-        records_path: candidate records (``id``, ``prompt``, ``response``), path or URI.
+        records_path: candidate or target records (``id``, ``prompt``, ``response``), path or
+            URI.
         model_spec: base model (see :func:`evoray.models.load_model`).
         init_adapter: continue this adapter folder (e.g. the previous round's); None = fresh.
         cfg: training settings; None = defaults.

@@ -530,7 +530,7 @@ def test_disk_full_while_saving_the_manifest_fails_through_the_cli(disk_full, tm
     run.mkdir()
     config = tmp_path / "quick.yaml"
     config.write_text(dump_config(demo_config(quick=True, **{"evolve.run_dir": str(run)})))
-    manifest = {"version": 1, "config": None, "stages": {"task": {
+    manifest = {"version": 2, "config": None, "stages": {"task": {
         "inputs": "0" * 64, "finished": "2026-01-01T00:00:00+00:00", "seconds": 0.1,
         "stats": {}}}}
     (run / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -38,5 +38,5 @@ def test_select_records_mode_errors(tmp_path, capsys):
     assert "give --features (a features folder) or --pool" in capsys.readouterr().err
     assert main(["select", "--pool", paths["pool"], "--targets", paths["targets"], "--out",
                  str(tmp_path / "o"), "train.lr=1"]) == 2
-    assert "evoray select takes select.KEY=VALUE, features.KEY=VALUE only" in \
+    assert "evoray select takes select.KEY=VALUE, features.KEY=VALUE, model=NAME only" in \
         capsys.readouterr().err

@@ -207,7 +207,7 @@ def workspace(tmp_path_factory) -> Path:
     peft.save_pretrained(str(ws / "gpt2_adapter"))
     write_meta(str(ws / "gpt2_adapter"), "tiny-gpt2", model)
     (ws / "run").mkdir()
-    (ws / "run" / "manifest.json").write_text(json.dumps({"version": 1, "config": None, "stages": {
+    (ws / "run" / "manifest.json").write_text(json.dumps({"version": 2, "config": None, "stages": {
         "task": {"inputs": "0" * 64, "finished": "2026-12-01T00:00:00+00:00", "seconds": 1.0,
                  "stats": {}}}}))
     (ws / "blocker").write_text("a file, not a folder\n")

@@ -77,3 +77,26 @@ def test_format_table_shows_make_up():
     lines = format_table(rows).splitlines()
     assert lines[1].split()[:3] == ["0", "0.250", "2.000"]
     assert lines[2].split() == ["1", "0.500", "1.000", "10", "9", "2", "50", "50", "0", "0"]
+
+
+def test_manifest_of_another_version_is_refused(tmp_path):
+    import json
+
+    from evoray.errors import EvorayError
+    from evoray.stages import MANIFEST_VERSION
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"version": 1, "config": None,
+                                                        "stages": {}}))
+    with pytest.raises(EvorayError, match=f"manifest version 1, this one writes "
+                                          f"{MANIFEST_VERSION}.*start a new run"):
+        Manifest(str(tmp_path))
+
+
+def test_selection_key_ignores_the_other_selectors_settings():
+    from evoray.config import load_config
+    from evoray.stages import select_inputs
+
+    base = select_inputs(load_config(None, []))
+    assert select_inputs(load_config(None, ["select.tsds.kde_K=7"])) == base
+    assert select_inputs(load_config(None, ["select.evoselect.novelty_pcs=0"])) != base
+    assert select_inputs(load_config(None, ["select.method=tsds"])) != base

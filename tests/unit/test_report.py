@@ -79,7 +79,7 @@ def _run(tmp_path: Path, *, rounds: int = 2, finished: int = 2, kinds: bool = Tr
     config = {"model": "tiny-llama", "select": {"method": method, "ratio": 0.25, "k": None},
               "generate": {"kind": "simulated", "preset": "weak", "pool_size": N_POOL},
               "evolve": {"rounds": rounds, "task": "arithmetic"}}
-    _json(run / "manifest.json", {"version": 1, "config": config, "stages": {}})
+    _json(run / "manifest.json", {"version": 2, "config": config, "stages": {}})
     _json(run / "base" / "metrics.json", {"round": 0, "accuracy": ACCURACY[0], "loss": LOSS[0],
                                           "n_test": 16, "per_subtask": {}})
     for r in range(1, rounds + 1):
