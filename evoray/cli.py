@@ -41,6 +41,15 @@ def _cmd_config(args: argparse.Namespace) -> int:
     from evoray.config import dump_config, load_config
 
     path, overrides = args.config, list(args.overrides)
+    if args.markdown:
+        from evoray.config.reference import config_markdown
+        from evoray.errors import ConfigError
+
+        if path or overrides:
+            raise ConfigError("config --markdown prints the reference of every field with its "
+                              "default (docs/config.md); it takes no config file or overrides")
+        print(config_markdown(), end="")
+        return 0
     if path and "=" in path:  # `evoray config key=value` without a file
         path, overrides = None, [path, *overrides]
     print(dump_config(load_config(path, overrides)), end="")
@@ -92,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="validate a config and print it with overrides applied")
     config.add_argument("config", nargs="?", help="YAML file (default: built-in defaults)")
     config.add_argument("overrides", nargs="*", help="key=value, e.g. select.ratio=0.05")
+    config.add_argument("--markdown", action="store_true", help="print every field's type, "
+                        "default and help as Markdown instead (docs/config.md)")
     config.set_defaults(func=_cmd_config)
 
     demo = sub.add_parser("demo", help="an evolve run on embedded defaults on a local Ray "
