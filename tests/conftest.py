@@ -12,10 +12,14 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def pytest_collection_modifyitems(items):
-    """Tests that read the one-round evolve run (``one_round``) run last: by then the suite's
-    Ray is started and its workers warm, so the setup that ``--durations`` shows for them is the
-    run's own cost (about 18 s), not the session's first Ray start as well."""
-    items.sort(key=lambda item: "one_round" in getattr(item, "fixturenames", ()))
+    """The README's local-head recipe runs first: its ``ray stop`` ends every Ray process on the
+    machine, so it must run before any other test has started one (a driver that another test
+    SIGKILLs can leave its Ray's processes behind for a while). Tests that read the one-round
+    evolve run (``one_round``) run last: by then the suite's Ray is started and its workers warm,
+    so the setup that ``--durations`` shows for them is the run's own cost (about 18 s), not the
+    session's first Ray start as well."""
+    items.sort(key=lambda item: (item.name != "test_readme_local_head_recipe",
+                                 "one_round" in getattr(item, "fixturenames", ())))
 
 
 RAY_ARGS = {"num_cpus": 2, "include_dashboard": False, "object_store_memory": 300 * 1024**2,
