@@ -143,6 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def job_main(command: str, argv: list[str]) -> int:
+    """``jobs/<command>.py``: ``evoray <command>`` with the same arguments (config file,
+    ``section.key=value`` overrides, ``--resume``); the old ``--config`` form is a one-line error
+    naming the new one."""
+    if "--config" in argv:
+        print(f"jobs/{command}.py: error: --config is gone: give the config as `evoray {command}` "
+              f"takes it, python jobs/{command}.py CONFIG [section.key=value ...] [--resume]",
+              file=sys.stderr)
+        return 2
+    return main([command, *argv])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

@@ -13,18 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from evoray.cli import main as evoray_main
-
-
-def main(argv: list[str]) -> int:
-    """``evoray evolve`` with the same arguments: the config file, overrides, ``--resume``."""
-    if "--config" in argv:
-        print("jobs/evolve.py: error: --config is gone: give the config as `evoray evolve` takes "
-              "it, python jobs/evolve.py CONFIG [section.key=value ...] [--resume]",
-              file=sys.stderr)
-        return 2
-    return evoray_main(["evolve", *argv])
-
+from evoray.cli import job_main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(job_main("evolve", sys.argv[1:]))
