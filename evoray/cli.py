@@ -152,10 +152,25 @@ def job_main(command: str, argv: list[str]) -> int:
               f"takes it, python jobs/{command}.py CONFIG [section.key=value ...] [--resume]",
               file=sys.stderr)
         return 2
+    from evoray.ray_utils import ask_for_token_auth, filter_stderr
+
+    ask_for_token_auth()
+    filter_stderr()
     return main([command, *argv])
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``evoray`` command. Run as the console script (``argv`` None), a local Ray asks for
+    token authentication explicitly (:func:`evoray.ray_utils.ask_for_token_auth`) and Ray's C++
+    notices that have no cause to fix are dropped from stderr
+    (:func:`evoray.ray_utils.filter_stderr`); a caller passing ``argv`` (tests,
+    :func:`job_main`) decides for itself."""
+    if argv is None:
+        from evoray.ray_utils import ask_for_token_auth, filter_stderr
+
+        if "--address" not in sys.argv:  # `evoray features --address`: the cluster's own mode
+            ask_for_token_auth()
+        filter_stderr()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

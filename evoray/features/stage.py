@@ -18,8 +18,9 @@ Plan of a run (``featurize``):
    need no other order.)
 4. **Extract**: rows sorted by batch into blocks of whole batches (at most 4 per actor), then
    ``map_batches(FeatureActor, compute=ActorPoolStrategy(size=n))`` over the blocks, one planned
-   batch a forward/backward, ``num_gpus`` and ``num_cpus`` per actor from the config. Each actor
-   loads the model once.
+   batch a forward/backward, ``num_gpus`` and ``num_cpus`` per actor from the config, and
+   ``memory`` estimated from the model's size, the projection cache and the largest planned
+   batch (:func:`evoray.features.plan.actor_memory`). Each actor loads the model once.
 5. **Write** Parquet under a temporary name, then ``meta.json``, then rename to the final name.
 
 If the output folder already holds features whose ``input_hash`` (pool bytes, model, adapter,
@@ -43,7 +44,13 @@ from evoray.config import FeaturesConfig, config_to_dict
 from evoray.data.features import META_FILE, features_table, read_features_meta
 from evoray.data.io import detect_format
 from evoray.errors import EvorayError, ModelError, RecordError
-from evoray.features.plan import assign_batch, plan_batches, tokenize_batch
+from evoray.features.plan import (
+    actor_memory,
+    assign_batch,
+    batch_tokens,
+    plan_batches,
+    tokenize_batch,
+)
 from evoray.ray_utils import unwrap_error
 from evoray.storage import exists, resolve
 
@@ -201,7 +208,7 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
         raise RecordError(pool_path, "no such file")
     out = out or os.path.splitext(pool_path.rstrip("/"))[0] + ".features"
     dim = default_dim(cfg, "cuda" if cfg.num_gpus > 0 else "cpu")
-    layers = _lora_layers(model_spec, cfg, adapter, cache_dir)  # fails fast on a wrong model
+    layers, shape = _proxy_shape(model_spec, cfg, adapter, cache_dir)  # fails fast on a bad model
     digest = input_hash(pool_path, model_spec, adapter, adam_state, cfg, dim)
     if read_features_meta(out).get("input_hash") == digest:
         log.info("features of %s reused from %s", pool_path, out)
@@ -281,10 +288,12 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
         n_batches = max(1, -(-len(keep) // cfg.batch_size))
         grouped = ds.repartition(min(n_batches, 4 * cfg.num_actors)).sort("batch")
         blocks = ray.data.from_arrow_refs(grouped.materialize().to_arrow_refs())
+        memory = _actor_memory(shape, dim, cfg, batch_tokens(
+            plan["length"].to_numpy()[keep], batch_of[keep]))
         feats = blocks.map_batches(
             FeatureActor, batch_size=None, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-            num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+            num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, memory=memory,
             fn_constructor_kwargs={"model": model_spec, "cfg": config_to_dict(cfg),
                                    "adapter": adapter, "adam_state": adam_state,
                                    "cache_dir": cache_dir, "pad_token_id": pad})
@@ -326,9 +335,29 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
     return out
 
 
-def _lora_layers(model: str, cfg: FeaturesConfig, adapter: str | None,
-                 cache_dir: str | None) -> list[str]:
-    """Names of the proxy's LoRA-adapted modules, from an empty (meta-device) copy of the model."""
+def _actor_memory(shape: dict, dim: int, cfg: FeaturesConfig, tokens: int) -> int:
+    """The feature actor's ``memory`` request (:func:`evoray.features.plan.actor_memory`), at
+    most the cluster's memory shared by the actors, so that the request never keeps them from
+    being scheduled."""
+    import ray
+
+    want = actor_memory(shape, dim, on_gpu=cfg.num_gpus > 0, proj_cache_mb=cfg.proj_cache_mb,
+                        proj_block_mb=cfg.proj_block_mb, tokens=tokens)
+    have = ray.cluster_resources().get("memory", 0) / cfg.num_actors
+    if have and want > have:
+        log.warning("features: each of %d actor(s) may use about %.1f GiB; the cluster has "
+                    "%.1f GiB of memory for each; lower features.proj_cache_mb, batch_size or "
+                    "num_actors if an actor is killed for memory", cfg.num_actors, want / 2**30,
+                    have / 2**30)
+        want = int(have)
+    return want
+
+
+def _proxy_shape(model: str, cfg: FeaturesConfig, adapter: str | None,
+                 cache_dir: str | None) -> tuple[list[str], dict]:
+    """Names of the proxy's LoRA-adapted modules, and its size (``params``, ``lora_params``,
+    ``vocab``: :func:`evoray.features.plan.actor_memory`), from an empty (meta-device) copy of
+    the model."""
     import torch
     from peft import PeftConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -359,4 +388,9 @@ def _lora_layers(model: str, cfg: FeaturesConfig, adapter: str | None,
             finally:
                 if handle is not None:
                     handle.cleanup()
-        return [p.name for p in lora_pairs(get_peft_model(base, config))]
+        vocab = base.get_input_embeddings().num_embeddings
+        params = sum(p.numel() for p in base.parameters())
+        peft = get_peft_model(base, config)
+        lora = sum(p.numel() for n, p in peft.named_parameters() if "lora_" in n)
+        return ([p.name for p in lora_pairs(peft)],
+                {"params": params, "lora_params": lora, "vocab": vocab})

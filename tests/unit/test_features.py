@@ -237,3 +237,28 @@ def test_features_version_is_hashed(tmp_path, monkeypatch):
     before = stage.input_hash(*args)
     monkeypatch.setattr(stage, "FEATURES_VERSION", stage.FEATURES_VERSION + 1)
     assert stage.input_hash(*args) != before
+
+
+def test_batch_tokens_and_actor_memory():
+    """The feature actor's memory request: the largest batch's padded token slots against a
+    loop over the batches, and the sum of its parts (the projection cache capped, nothing but the
+    process and the weights on a GPU)."""
+    from evoray.features.plan import actor_memory, batch_tokens
+
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(3, 50, 37)
+    batches = rng.integers(0, 5, 37)
+    want = max(int((batches == b).sum()) * int(lengths[batches == b].max())
+               for b in np.unique(batches))
+    assert batch_tokens(lengths, batches) == want
+    assert batch_tokens(np.zeros(0, np.int64), np.zeros(0, np.int64)) == 0
+
+    shape = {"params": 1000, "lora_params": 10, "vocab": 7}
+    mib, gib = 2 ** 20, 2 ** 30
+    small = actor_memory(shape, 16, on_gpu=False, proj_cache_mb=1, proj_block_mb=2, tokens=5)
+    assert small == gib + 4000 + 4 * 10 * 16 + 2 * mib + 12 * 7 * 5
+    big = {**shape, "lora_params": 10 ** 6}  # 4e6 * 16 bytes of projection: capped at 1 MiB
+    assert actor_memory(big, 16, on_gpu=False, proj_cache_mb=1, proj_block_mb=2,
+                        tokens=5) == gib + 4000 + mib + 2 * mib + 12 * 7 * 5
+    assert actor_memory(big, 16, on_gpu=True, proj_cache_mb=1, proj_block_mb=2,
+                        tokens=5) == gib + 4000

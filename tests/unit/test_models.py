@@ -111,10 +111,13 @@ def smollm2_first_use(tmp_path_factory):
     meta device (the one-time conversion must still load real weights: transformers refuses
     ``from_pretrained`` under a meta device)."""
     from evoray.config import FeaturesConfig
-    from evoray.features.stage import _lora_layers
+    from evoray.features.stage import _proxy_shape
 
     cache = tmp_path_factory.mktemp("cache")
-    names = _lora_layers("smollm2-135m", FeaturesConfig(), None, str(cache))
+    names, shape = _proxy_shape("smollm2-135m", FeaturesConfig(), None, str(cache))
+    # the sizes the feature actor's memory request is computed from (evoray.features.plan)
+    assert shape["vocab"] == 49152 and 1.3e8 < shape["params"] < 1.4e8
+    assert shape["lora_params"] == 30 * 8 * (576 + 576 + 576 + 192 + 576 + 192 + 576 + 576)
     return cache, names
 
 
