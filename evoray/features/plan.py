@@ -96,8 +96,9 @@ def actor_memory(shape: dict, dim: int, *, on_gpu: bool, proj_cache_mb: float,
     projection blocks (``4 · lora_params · dim`` bytes, at most ``proj_cache_mb``) plus one
     block, and the batch's logits with their log-softmax and gradient (``12 · vocab`` bytes a
     token slot; the LoRA activations are small beside them). On a GPU those live on the device.
-    Measured: SmolLM2-135M, r 8 on 4 projections, dim 1024, 16 lookup candidates a batch, used
-    3.7 GiB at its peak (Ray Data's own count); this gives 4.4 GiB."""
+    Ray Data reported 3.7 GiB per actor for SmolLM2-135M (r 8 on 4 projections, dim 1024)
+    in ``evoray demo`` before the actor declared any; for a lookup pool of that model (the
+    largest batch: 16 × 58 = 928 token slots) this gives 4.1 GiB."""
     mib = 2 ** 20
     total = 2 ** 30 + 4 * shape["params"]
     if not on_gpu:
