@@ -34,6 +34,7 @@ import sys
 import time
 
 import quality
+import quality_cells
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -66,8 +67,8 @@ def run_cell(work: str, pool_size: int, model: str, gen: str, recipe: str, seed:
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
     spec = RECIPES[recipe]
-    data = quality.task_files(work, "lookup", gen, pool_size)
-    rows = quality.oracle_rows(data["pool_records"], "oracle_clean", "lookup", 0.1, seed)
+    data = quality_cells.task_files(work, "lookup", gen, pool_size)
+    rows = quality_cells.oracle_rows(data["pool_records"], "oracle_clean", "lookup", 0.1, seed)
     picks = [data["pool_records"][i] for i in rows]
     folder = os.path.join(work, "recipe", gen, recipe, f"{seed}-t{threads}")
     os.makedirs(folder, exist_ok=True)
@@ -171,14 +172,14 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     hardware = f"CPU only, {os.cpu_count()} cores ({platform.machine()}), torch {torch.__version__}"
-    cells = quality.Cells(a.results, a.force, " ".join(["python benchmarks/recipe.py", *argv])
+    cells = quality_cells.Cells(a.results, a.force, " ".join(["python benchmarks/recipe.py", *argv])
                           + f"  ({time.strftime('%Y-%m-%d')}, {hardware})")
     todo = [(g, r, int(s)) for r in a.recipes.split(",") for s in a.seeds.split(",")
             for g in a.generators.split(",")
             if a.force or cell_key(g, r, int(s), a.threads) not in cells.rows]
     if not a.report and todo:
         for g in sorted({g for g, _, _ in todo}):  # pools written once, before the workers
-            quality.task_files(a.work, "lookup", g, a.pool_size)
+            quality_cells.task_files(a.work, "lookup", g, a.pool_size)
         ctx = multiprocessing.get_context("spawn")
         with cf.ProcessPoolExecutor(a.jobs, mp_context=ctx) as pool:
             futures = {pool.submit(run_cell, a.work, a.pool_size, a.model, g, r, s, a.threads):
