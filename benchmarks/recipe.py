@@ -115,12 +115,53 @@ def _settings(train: dict) -> str:
         f", LoRA on {len(full['target_modules'])} projections"
 
 
+# The bar a recipe must clear on dev, on both pools, over at least this many seeds
+BAR = {"mean": 0.85, "sd": 0.03, "seeds": 5}
+
+
+def choice(rows: dict) -> list[str]:
+    """For each recipe run on both pools with enough seeds: the fewest scored epochs whose dev
+    accuracy clears :data:`BAR` on both, with the figures; the downstream layer's ``TRAIN``
+    follows it (``benchmarks/quality.py``)."""
+    out = []
+    for recipe, spec in RECIPES.items():
+        if spec.get("diagnosis"):
+            continue
+        by_gen = {g: [r for r in rows.values() if r["recipe"] == recipe and r["gen"] == g
+                      and r["threads"] == 1] for g in ("strong", "weak")}
+        if min(len(v) for v in by_gen.values()) < BAR["seeds"]:
+            continue
+        figures, chosen = [], None
+        for e in spec["score"]:
+            stats = {}
+            for g, rs in by_gen.items():
+                accs = [r["dev"][str(e)]["accuracy"] for r in rs if str(e) in r["dev"]]
+                if len(accs) >= BAR["seeds"]:
+                    stats[g] = (statistics.mean(accs), statistics.stdev(accs))
+            if len(stats) < 2:
+                continue
+            ok = all(m >= BAR["mean"] and sd <= BAR["sd"] for m, sd in stats.values())
+            figures.append(f"{e} epochs: " + ", ".join(
+                f"{g} {m:.3f} ± {sd:.3f}" for g, (m, sd) in stats.items()) +
+                (" (clears the bar)" if ok else ""))
+            if ok and chosen is None:
+                chosen = e
+        out += [f"### The choice: {recipe}", "",
+                f"The bar: dev mean ≥ {BAR['mean']} with s.d. ≤ {BAR['sd']} over "
+                f"{BAR['seeds']}+ seeds, on both pools; the fewest epochs that clear it is the "
+                "recipe (each epoch adds about 1.5 minutes to every training):", ""]
+        out += [f"* {f}" for f in figures] + [""]
+        out += [f"**Chosen: {recipe} at {chosen} epochs.**" if chosen else
+                "**No scored epoch clears the bar.**", ""]
+    return out
+
+
 def report(rows: dict) -> str:
     out = ["# Choosing the downstream recipe (dev only)", "",
            "Clean-only training (`oracle_clean`, ratio 0.1, lookup, SmolLM2-135M), dev accuracy "
            "on 200 questions after each listed epoch; mean ± s.d. over seeds (each seed draws "
            "its own clean picks and trains with that seed), then each seed's figure. Written by "
-           "`benchmarks/recipe.py` from `recipe.json`.", ""]
+           "`benchmarks/recipe.py` from `recipe.json`.", ""] + choice(rows)
     groups: dict[tuple, list[dict]] = {}
     for r in rows.values():
         groups.setdefault((r["recipe"], r["threads"], r["gen"]), []).append(r)
