@@ -286,10 +286,12 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
         # docs/algorithms.md §1), each its own input of the actor stage: a sort's output is one
         # bundle of blocks, which would be one task, on one actor.
         n_batches = max(1, -(-len(keep) // cfg.batch_size))
-        grouped = ds.repartition(min(n_batches, 4 * cfg.num_actors)).sort("batch")
+        n_blocks = min(n_batches, 4 * cfg.num_actors)
+        grouped = ds.repartition(n_blocks).sort("batch")
         blocks = ray.data.from_arrow_refs(grouped.materialize().to_arrow_refs())
-        memory = _actor_memory(shape, dim, cfg, batch_tokens(
-            plan["length"].to_numpy()[keep], batch_of[keep]))
+        memory = _actor_memory(shape, dim, cfg, batch_tokens(  # rows: of the fullest block
+            plan["length"].to_numpy()[keep], batch_of[keep]),
+            -(-n_batches // n_blocks) * cfg.batch_size)
         feats = blocks.map_batches(
             FeatureActor, batch_size=None, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
@@ -335,14 +337,14 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
     return out
 
 
-def _actor_memory(shape: dict, dim: int, cfg: FeaturesConfig, tokens: int) -> int:
+def _actor_memory(shape: dict, dim: int, cfg: FeaturesConfig, tokens: int, rows: int) -> int:
     """The feature actor's ``memory`` request (:func:`evoray.features.plan.actor_memory`), at
     most the cluster's memory shared by the actors, so that the request never keeps them from
     being scheduled."""
     import ray
 
     want = actor_memory(shape, dim, on_gpu=cfg.num_gpus > 0, proj_cache_mb=cfg.proj_cache_mb,
-                        proj_block_mb=cfg.proj_block_mb, tokens=tokens)
+                        proj_block_mb=cfg.proj_block_mb, tokens=tokens, rows=rows)
     have = ray.cluster_resources().get("memory", 0) / cfg.num_actors
     if have and want > have:
         log.warning("features: each of %d actor(s) may use about %.1f GiB; the cluster has "
