@@ -92,18 +92,19 @@ def actor_memory(shape: dict, dim: int, *, on_gpu: bool, proj_cache_mb: float,
     judges a declaration (below it, it warns every 30 s while the actor runs, and at the end).
 
     ``shape`` has the proxy's ``params``, ``lora_params`` and ``vocab``; ``tokens`` is the
-    largest planned batch's padded token slots, ``rows`` the rows of one block. The peak: 0.6
-    GiB for the worker process (Python, torch, Ray, tokenizer), the float32 weights, and on CPU
-    the cached projection blocks (``4 · lora_params · dim`` bytes, at most ``proj_cache_mb``)
-    plus one block, the batch's logits with their log-softmax and gradient (``12 · vocab`` bytes
-    a token slot), and 100 KB a row of the block (found, not derived: the actor's memory grows
+    largest planned batch's padded token slots, ``rows`` the rows of one block. The peak: 1 GiB
+    for the worker process (Python, torch, Ray, tokenizer), the float32 weights, and on CPU the
+    cached projection blocks (``4 · lora_params · dim`` bytes, at most ``proj_cache_mb``) plus
+    one block, the batch's logits with their log-softmax and gradient (``12 · vocab`` bytes a
+    token slot), and 100 KB a row of the block (found, not derived: the actor's memory grows
     with the rows of a block far beyond their features' bytes). On a GPU the projection and the
-    activations live on the device. Measured peaks, by Ray Data (2 cores, dim 1024): SmolLM2-135M
-    (r 8 on 4 projections) on 400 lookup candidates, one actor, 112 rows a block: 3.6 GiB (this
-    declares 4.6 GiB); tiny-llama on 100,000 candidates, 2 actors, 12,500 rows a block: 1.7 GiB
-    (this declares 2.3 GiB)."""
+    activations live on the device. Peaks measured by Ray Data (2 cores, dim 1024; SmolLM2-135M
+    with r 8 on 4 projections): SmolLM2 on 400 lookup candidates, 112 rows a block, 3.6 GiB
+    (this declares 5.1 GiB); SmolLM2 in ``evoray demo`` (584 arithmetic candidates), 4.0 GiB
+    (a process share of 0.6 GiB declared 4.6 GiB there, short of Ray Data's 4.9); tiny-llama on
+    100,000 candidates, 2 actors, 12,512 rows a block, 1.7 GiB (this declares 2.8 GiB)."""
     gib, mib = 2 ** 30, 2 ** 20
-    peak = 0.6 * gib + 4 * shape["params"] + 100_000 * rows
+    peak = gib + 4 * shape["params"] + 100_000 * rows
     if not on_gpu:
         peak += min(proj_cache_mb * mib, 4 * shape["lora_params"] * dim) + proj_block_mb * mib
         peak += 12 * shape["vocab"] * tokens
