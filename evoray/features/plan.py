@@ -86,26 +86,30 @@ def batch_tokens(lengths: np.ndarray, batches: np.ndarray) -> int:
 
 
 def actor_memory(shape: dict, dim: int, *, on_gpu: bool, proj_cache_mb: float,
-                 proj_block_mb: float, tokens: int, rows: int) -> int:
+                 proj_block_mb: float, tokens: int, rows: int, batch_size: int) -> int:
     """Bytes of host memory to declare to Ray as a feature actor's ``memory`` (a reservation the
     scheduler counts, not a limit): 1.25 times the expected peak, the headroom by which Ray Data
     judges a declaration (below it, it warns every 30 s while the actor runs, and at the end).
 
     ``shape`` has the proxy's ``params``, ``lora_params`` and ``vocab``; ``tokens`` is the
-    largest planned batch's padded token slots, ``rows`` the rows of one block. The peak: 1 GiB
-    for the worker process (Python, torch, Ray, tokenizer), the float32 weights, and on CPU the
+    largest planned batch's padded token slots, ``rows`` the rows of one block. The peak: 1.25
+    GiB for the worker process (Python, torch, Ray, tokenizer), the float32 weights, and on CPU the
     cached projection blocks (``4 · lora_params · dim`` bytes, at most ``proj_cache_mb``) plus
-    one block, the batch's logits with their log-softmax and gradient (``12 · vocab`` bytes a
-    token slot), and 100 KB a row of the block (found, not derived: the actor's memory grows
+    one block, the batch's per-sample LoRA gradients (``4 · lora_params · batch_size``), its
+    logits with their log-softmax and gradient (``12 · vocab`` bytes a token slot), and 100 KB a
+    row of the block (found, not derived: the actor's memory grows
     with the rows of a block far beyond their features' bytes). On a GPU the projection and the
     activations live on the device. Peaks measured by Ray Data (2 cores, dim 1024; SmolLM2-135M
     with r 8 on 4 projections): SmolLM2 on 400 lookup candidates, 112 rows a block, 3.6 GiB
-    (this declares 5.1 GiB); SmolLM2 in ``evoray demo`` (584 arithmetic candidates), 4.0 GiB
-    (a process share of 0.6 GiB declared 4.6 GiB there, short of Ray Data's 4.9); tiny-llama on
-    100,000 candidates, 2 actors, 12,512 rows a block, 1.7 GiB (this declares 2.8 GiB)."""
+    (this declares 5.5 GiB); SmolLM2 in ``evoray demo`` (584 arithmetic candidates), 4.0 GiB
+    in round 1 and 4.2 GiB in round 2, whose proxy is the trained round-1 adapter (gradients of
+    both A and B; a fresh LoRA's A gradients are zero and skipped): a process share of 0.6 GiB
+    and no gradient term declared 4.6 and 4.5 GiB there, short of Ray Data's 4.9 and 5.2; this
+    declares about 5.5 and 5.4; tiny-llama on 100,000 candidates, 2 actors, 12,512 rows a block,
+    1.7 GiB (this declares 3.1 GiB). The last two are computed, not yet rerun."""
     gib, mib = 2 ** 30, 2 ** 20
-    peak = gib + 4 * shape["params"] + 100_000 * rows
+    peak = 1.25 * gib + 4 * shape["params"] + 100_000 * rows
     if not on_gpu:
         peak += min(proj_cache_mb * mib, 4 * shape["lora_params"] * dim) + proj_block_mb * mib
-        peak += 12 * shape["vocab"] * tokens
+        peak += 12 * shape["vocab"] * tokens + 4 * shape["lora_params"] * batch_size
     return int(1.25 * peak)

@@ -344,7 +344,8 @@ def _actor_memory(shape: dict, dim: int, cfg: FeaturesConfig, tokens: int, rows:
     import ray
 
     want = actor_memory(shape, dim, on_gpu=cfg.num_gpus > 0, proj_cache_mb=cfg.proj_cache_mb,
-                        proj_block_mb=cfg.proj_block_mb, tokens=tokens, rows=rows)
+                        proj_block_mb=cfg.proj_block_mb, tokens=tokens, rows=rows,
+                        batch_size=cfg.batch_size)
     have = ray.cluster_resources().get("memory", 0) / cfg.num_actors
     if have and want > have:
         log.warning("features: each of %d actor(s) may use about %.1f GiB; the cluster has "

@@ -255,11 +255,11 @@ def test_batch_tokens_and_actor_memory():
 
     shape = {"params": 1000, "lora_params": 10, "vocab": 7}
     mib, gib = 2 ** 20, 2 ** 30
-    kw = {"proj_cache_mb": 1, "proj_block_mb": 2, "tokens": 5, "rows": 3}
-    base = gib + 4000 + 100_000 * 3
+    kw = {"proj_cache_mb": 1, "proj_block_mb": 2, "tokens": 5, "rows": 3, "batch_size": 4}
+    base = 1.25 * gib + 4000 + 100_000 * 3
     small = actor_memory(shape, 16, on_gpu=False, **kw)
-    assert small == int(1.25 * (base + 4 * 10 * 16 + 2 * mib + 12 * 7 * 5))
+    assert small == int(1.25 * (base + 4 * 10 * 16 + 2 * mib + 12 * 7 * 5 + 4 * 10 * 4))
     big = {**shape, "lora_params": 10 ** 6}  # 4e6 * 16 bytes of projection: capped at 1 MiB
     assert actor_memory(big, 16, on_gpu=False, **kw) == int(
-        1.25 * (base + mib + 2 * mib + 12 * 7 * 5))
+        1.25 * (base + mib + 2 * mib + 12 * 7 * 5 + 4 * 10 ** 6 * 4))
     assert actor_memory(big, 16, on_gpu=True, **kw) == int(1.25 * base)
