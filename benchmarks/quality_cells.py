@@ -60,12 +60,13 @@ def train_cell(model: str, train: dict, folder: str, seed: int, test: str, threa
     from evoray.train import train as fit
 
     torch.set_num_threads(threads)
+    t0 = time.perf_counter()
     res = fit(f"{folder}/selected.jsonl", model, cfg=TrainConfig(**train, seed=seed),
               out=f"{folder}/adapter")
     m = evaluate(model, res.adapter, test, max_length=96)
     return {"accuracy": m["accuracy"], "loss": m["loss"], "n_test": m["n"],
             "train_loss": float(res.history[-1]), "examples": res.n_examples,
-            "threads": threads, "train": train}
+            "threads": threads, "train": train, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 class Cells:
