@@ -18,8 +18,9 @@ the projected feature unchanged since zero blocks project to zero.
 
 The LoRA weights themselves do not require grad during extraction (autograd would otherwise also
 sum their gradients over the batch, work nobody reads); the input embeddings do, so the backward
-reaches every layer. :func:`reference_gradients` is the plain LESS way (one ``loss.backward()``
-per sample) that tests and benchmarks compare against.
+reaches every layer. The batched path asks the model for the logits of response positions only
+(:func:`evoray.models.response_logits`); :func:`reference_gradients` is the plain LESS way (one
+``loss.backward()`` per sample, full logits) that tests and benchmarks compare against.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 
 from evoray.data.tokenize import IGNORE
 from evoray.lora import lora_pairs
+from evoray.models import response_logits
 
 __all__ = ["per_sample_losses", "BatchedGradients", "reference_gradients", "adam_precondition"]
 
@@ -48,6 +50,17 @@ def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 
 def _forward_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """:func:`per_sample_losses` from the logits of the response positions alone (see
+    :func:`evoray.models.response_logits`); the reference path reads the full logits."""
+    logits, target, row, _ = response_logits(model, batch)
+    nll = F.cross_entropy(logits, target, reduction="none")
+    size = batch["labels"].shape[0]
+    total = torch.zeros(size, dtype=nll.dtype, device=nll.device).index_add(0, row, nll)
+    count = torch.bincount(row, minlength=size)
+    return total / count.clamp(min=1)
+
+
+def _full_forward_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return per_sample_losses(out.logits, batch["labels"])
 
@@ -126,7 +139,7 @@ def reference_gradients(model, batch: dict[str, torch.Tensor]):
             for w in params:
                 w.grad = None
             with torch.enable_grad():
-                loss = _forward_losses(model, one)[0]
+                loss = _full_forward_losses(model, one)[0]
                 loss.backward()
             losses.append(loss.detach())
             for g, w in zip(grads, params, strict=False):

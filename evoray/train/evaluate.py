@@ -27,6 +27,7 @@ import torch
 from evoray.data.tokenize import IGNORE, collate, encode_pair, special_prefix
 from evoray.errors import TrainError
 from evoray.lora import load_with_adapter
+from evoray.models import response_logits
 
 __all__ = ["evaluate", "evaluate_model", "score_items", "metrics", "letter_tokens", "EvalActor"]
 
@@ -72,16 +73,14 @@ def score_items(model, tokenizer, items: list[dict], *, batch_size: int = 16,
             cols.append(first + shared - 1)
             cands.append(ids)
         batch = {k: v.to(device) for k, v in collate(encoded, tokenizer.pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"],
-                       attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-            reduction="none").view_as(labels)
-        losses.extend((nll.sum(1) / (labels != IGNORE).sum(1)).tolist())
+        logits, target, row, col = response_logits(model, batch)
+        nll = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+        total = torch.zeros(len(chunk), dtype=nll.dtype, device=nll.device).index_add(0, row, nll)
+        losses.extend((total / torch.bincount(row, minlength=len(chunk))).tolist())
         logp = torch.log_softmax(logits, dim=-1)
         for i, item in enumerate(chunk):
-            scores = logp[i, cols[i], cands[i]]
+            at = int(((row == i) & (col == cols[i])).nonzero()[0, 0])
+            scores = logp[at, cands[i]]
             preds.append(item["choices"][int(torch.argmax(scores))])
     return preds, losses
 

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from evoray.data.tokenize import Encoded, collate
+from evoray.models import response_logits
 
 __all__ = ["train_loop", "FAIL_ENV", "save_checkpoint", "optimizer_steps", "LocalSession",
            "RaySession"]
@@ -229,7 +230,8 @@ def _train(c: dict, session) -> None:
                          collate([rows[i] for i in idx], tok.pad_token_id).items()}
                 sync = j == len(group) - 1 or world == 1
                 with (contextlib.nullcontext() if sync else net.no_sync()), autocast:
-                    loss = net(**batch).loss
+                    logits, target, _, _ = response_logits(net, batch)
+                    loss = torch.nn.functional.cross_entropy(logits, target)
                 (loss / len(group)).backward()
                 loss_sum += loss.item() / len(group)
                 samples += len(idx)

@@ -5,10 +5,11 @@ import os
 import pytest
 import torch
 
+import evoray.models
 from evoray.data import collate, encode_pair, encode_pairs
 from evoray.data.tokenize import IGNORE, ResponseTooLong
 from evoray.errors import ModelError
-from evoray.models import byte_tokenizer, load_model, smollm2_dir
+from evoray.models import byte_tokenizer, load_model, response_logits, smollm2_dir
 
 PROMPT = "What is 12 + 30?\nA. 42\nB. 43\nC. 41\nD. 32\nAnswer:"
 
@@ -95,6 +96,35 @@ def test_batched_right_padded_loss_equals_single(name):
             single = model(input_ids=torch.tensor([enc.input_ids])).logits[0]
             n = len(enc.input_ids)
             torch.testing.assert_close(logits[i, :n], single, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("masked_head", [True, False])
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_response_logits_match_the_full_forward(name, masked_head, monkeypatch):
+    """The response-only head gives the loss and the parameter gradients of
+    ``model(**batch).loss``, on the masked path and on the full-logits fallback."""
+    monkeypatch.setattr(evoray.models, "_masked_head", lambda: masked_head)
+    model, tok = load_model(name, seed=0)
+    records = [{"id": str(i), "prompt": PROMPT * (i + 1), "response": r}
+               for i, r in enumerate(["A", "the answer is B", "C"])]
+    batch = collate(encode_pairs(tok, records, max_length=256)[0], tok.pad_token_id)
+    model.zero_grad()
+    full = model(**batch).loss
+    full.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logits, target, row, col = response_logits(model, batch)
+    loss = torch.nn.functional.cross_entropy(logits, target)
+    loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    torch.testing.assert_close(loss, full)
+    assert len(got) == len(want) > 0
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    labels = batch["labels"]
+    assert torch.equal(target, labels[row, col + 1])
+    assert len(target) == int((labels != IGNORE).sum())
+    assert logits.shape == (len(target), model.config.vocab_size)
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
