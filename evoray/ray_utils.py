@@ -85,13 +85,22 @@ class _IdleNotices(logging.Filter):
         return not record.getMessage().startswith(self.NOTICES)
 
 
+def _filter_console(kind: type[logging.Filter]) -> None:
+    """Add a ``kind`` filter, once, to each of the ``ray.data`` logger's console handlers; its
+    file handler (``ray-data.log`` in the session folder) keeps every record. A FileHandler is
+    a StreamHandler too, hence the explicit skip."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.FileHandler) or not isinstance(
+                handler, logging.StreamHandler):
+            continue
+        if not any(isinstance(f, kind) for f in handler.filters):
+            handler.addFilter(kind())
+
+
 def _drop_console_errors() -> None:
     import ray.data  # noqa: F401  (configures the "ray.data" logger and its handlers)
 
-    for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler) and not any(
-                isinstance(f, _BelowError) for f in handler.filters):
-            handler.addFilter(_BelowError())
+    _filter_console(_BelowError)
 
 
 def quiet_ray_data() -> None:
@@ -102,13 +111,8 @@ def quiet_ray_data() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    logger = logging.getLogger("ray.data")
-    logger.setLevel(logging.WARNING)
-    for handler in logger.handlers:
-        if isinstance(handler, logging.FileHandler):  # ray-data.log keeps everything
-            continue
-        if not any(isinstance(f, _IdleNotices) for f in handler.filters):
-            handler.addFilter(_IdleNotices())
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    _filter_console(_IdleNotices)
 
 
 def unwrap_error(e: BaseException) -> BaseException:
