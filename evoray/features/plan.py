@@ -96,7 +96,11 @@ def actor_memory(shape: dict, dim: int, *, on_gpu: bool, proj_cache_mb: float,
     GiB for the worker process (Python, torch, Ray, tokenizer), the float32 weights, and on CPU the
     cached projection blocks (``4 · lora_params · dim`` bytes, at most ``proj_cache_mb``) plus
     one block, the batch's per-sample LoRA gradients (``4 · lora_params · batch_size``), its
-    logits with their log-softmax and gradient (``12 · vocab`` bytes a token slot), and 100 KB a
+    activations kept for the backward (``12 · vocab`` bytes a token slot: sized for the full
+    logits with their log-softmax and gradient, which the gradients no longer compute since
+    :func:`evoray.models.response_logits` asks for response positions only; the term, kept
+    because the peaks below were measured against it, now also covers the layers'
+    activations, about 1 MB a slot for SmolLM2's 30 layers), and 100 KB a
     row of the block (found, not derived: the actor's memory grows
     with the rows of a block far beyond their features' bytes). On a GPU the projection and the
     activations live on the device. Peaks measured by Ray Data (2 cores, dim 1024; SmolLM2-135M
