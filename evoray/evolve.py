@@ -11,7 +11,8 @@ local path or a pyarrow filesystem URI such as ``s3://bucket/run``)::
         pool.jsonl               the generator's candidates
         clean.jsonl              after dropping invalid records, exact duplicates and candidates
                                  whose prompt is a val/dev/test prompt (counts in the manifest)
-        features/pool/           gradient features of clean.jsonl (proxy: see below)
+        features/pool/           gradient features of clean.jsonl (proxy: see below); none
+                                 when select.method reads no features (random)
         features/targets/        gradient features of the targets, same proxy
         selection/               selected.parquet, summary.json, scores.parquet, selected.jsonl
         train.jsonl              the training data, when evolve.replay adds earlier selections
@@ -50,6 +51,7 @@ import logging
 from evoray.config import Config, config_to_dict
 from evoray.data.io import write_records
 from evoray.errors import EvorayError
+from evoray.select.api import FEATURE_FREE
 from evoray.stages import (
     Manifest,
     clean_pool,
@@ -144,33 +146,22 @@ class _Loop:
         clean_digest, clean_stats = self.stage(
             f"round_{r:02d}/clean", [gen_digest, files["eval_hash"]], [clean],
             lambda: clean_pool(pool, clean, prompts))
-        # -- features
-        proxy = None if (cfg.evolve.fixed_proxy or prev is None) else prev_adapter
-        adam = (f"{prev_adapter}/adam_state.safetensors"
-                if cfg.features.adam and prev_adapter else None)
-        fpool, ftargets = f"{rd}/features/pool", f"{rd}/features/targets"
-        feat_inputs = features_inputs(cfg, clean_digest, files["targets_hash"],
-                                      proxy_digest=None if proxy is None else prev_train,
-                                      adam_digest=prev_train if adam else None)
-        feat_digest, _ = self.stage(
-            f"round_{r:02d}/features", feat_inputs,
-            [f"{fpool}/meta.json", f"{ftargets}/meta.json"],
-            lambda: featurize_round(cfg, clean, files["targets"], fpool, ftargets, proxy=proxy,
-                                    adam_state=adam, proxy_name="base + fresh LoRA" if proxy
-                                    is None else f"round {r - 1} model"))
-        # -- select
+        # -- features (none for a method that reads none: random)
         sel_dir = f"{rd}/selection"
+        sel_outputs = [f"{sel_dir}/selected.jsonl", f"{sel_dir}/scores.parquet"]
+        if cfg.select.method in FEATURE_FREE:
+            def select():
+                from evoray.select.io import select_pool
 
-        def select():
-            from evoray.select.io import select_files
+                summary, _ = select_pool(cfg.select, clean, sel_dir)
+                return {"method": cfg.select.method, "selected": summary["selected"],
+                        "of": summary["diagnostics"]["n"]}
 
-            summary, sel, feats = select_files(cfg.select, fpool, ftargets, sel_dir, pool=clean)
-            return {"method": cfg.select.method, "selected": summary["selected"],
-                    "of": len(feats)}
-
-        sel_digest, _ = self.stage(f"round_{r:02d}/select", [feat_digest, select_inputs(cfg)],
-                                   [f"{sel_dir}/selected.jsonl", f"{sel_dir}/scores.parquet"],
-                                   select)
+            sel_digest, _ = self.stage(f"round_{r:02d}/select",
+                                       [clean_digest, select_inputs(cfg)], sel_outputs, select)
+        else:
+            sel_digest = self.select_with_features(r, clean, clean_digest, files, prev,
+                                                   sel_dir, sel_outputs)
         selected = f"{sel_dir}/selected.jsonl"
         # -- train
         adapter = f"{rd}/adapter"
@@ -229,6 +220,38 @@ class _Loop:
         return {"adapter": adapter, "train_digest": train_digest, "generate_digest": gen_digest,
                 "replay_digests": replay,
                 "metrics": json.loads(read_bytes(metrics_path))}
+
+    def select_with_features(self, r: int, clean: str, clean_digest: str, files: dict,
+                             prev: dict | None, sel_dir: str, sel_outputs: list[str]) -> str:
+        """Round r's features stage (proxy: the previous round's model) and its selection;
+        returns the selection's digest."""
+        cfg, rd = self.cfg, round_dir(self.run, r)
+        prev_adapter = prev["adapter"] if prev else None
+        prev_train = prev["train_digest"] if prev else None
+        proxy = None if (cfg.evolve.fixed_proxy or prev is None) else prev_adapter
+        adam = (f"{prev_adapter}/adam_state.safetensors"
+                if cfg.features.adam and prev_adapter else None)
+        fpool, ftargets = f"{rd}/features/pool", f"{rd}/features/targets"
+        feat_inputs = features_inputs(cfg, clean_digest, files["targets_hash"],
+                                      proxy_digest=None if proxy is None else prev_train,
+                                      adam_digest=prev_train if adam else None)
+        feat_digest, _ = self.stage(
+            f"round_{r:02d}/features", feat_inputs,
+            [f"{fpool}/meta.json", f"{ftargets}/meta.json"],
+            lambda: featurize_round(cfg, clean, files["targets"], fpool, ftargets, proxy=proxy,
+                                    adam_state=adam, proxy_name="base + fresh LoRA" if proxy
+                                    is None else f"round {r - 1} model"))
+
+        def select():
+            from evoray.select.io import select_files
+
+            summary, sel, feats = select_files(cfg.select, fpool, ftargets, sel_dir, pool=clean)
+            return {"method": cfg.select.method, "selected": summary["selected"],
+                    "of": len(feats)}
+
+        digest_, _ = self.stage(f"round_{r:02d}/select", [feat_digest, select_inputs(cfg)],
+                                sel_outputs, select)
+        return digest_
 
     def base(self, files: dict) -> dict | None:
         if not files["test"]:

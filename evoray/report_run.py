@@ -83,13 +83,17 @@ def _jsonl_kinds(path: str) -> tuple[int, dict | None]:
     return n, ({k: v / n for k, v in counts.items()} if counts else None)
 
 
-def _load_round(run_dir: str, r: int, name: str) -> RoundInfo:
+def _load_round(run_dir: str, r: int, name: str, method: str) -> RoundInfo:
+    from evoray.select.api import FEATURE_FREE
+
     path = join(run_dir, name)
     info = RoundInfo(round=r, path=path)
     if file_type(path) == pafs.FileType.NotFound:
         info.status = "not started"
         return info
     for stage, name in STAGES:
+        if stage == "features" and method in FEATURE_FREE:
+            continue  # random selects from the pool file; its rounds have no features
         if file_type(join(path, name)) == pafs.FileType.NotFound:
             info.status = f"missing {stage} ({name})"
             break
@@ -139,7 +143,8 @@ def load_run(run_dir: str) -> RunInfo:
                           "folder; not the run_dir of `evoray evolve`")
     config = (manifest or {}).get("config", {})
     planned = int(config.get("evolve", {}).get("rounds", 0) or 0)
-    rounds = [_load_round(run_dir, r, found.get(r, f"round_{r:02d}"))
+    method = str(config.get("select", {}).get("method", ""))
+    rounds = [_load_round(run_dir, r, found.get(r, f"round_{r:02d}"), method)
               for r in sorted(set(found) | set(range(1, planned + 1)))]
     rounds.insert(0, RoundInfo(round=0, path=join(run_dir, "base"), metrics=base,
                                status="base model" if base else "missing base/metrics.json"))

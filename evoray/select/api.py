@@ -16,7 +16,7 @@ from evoray.select.geometry import blocks
 from evoray.select.selection import Selection, nearest_targets
 from evoray.select.tsds import tsds
 
-__all__ = ["DRAWS", "METHODS", "budget", "select"]
+__all__ = ["DRAWS", "FEATURE_FREE", "METHODS", "budget", "select"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,10 @@ METHODS = {"evoselect": evoselect, "random": random, "attribution": attribution,
 # centroids, TSDS's multinomial): with ``keys`` they see the rows sorted by key. attribution and
 # evoselect score each row by its own features, so the order of the rows does not change them.
 DRAWS = ("random", "diversity", "attr_div", "tsds")
+# The methods that read no feature (random only counts the rows): a loop or a demo can select
+# with them straight from the pool file (:func:`evoray.select.io.select_pool`), with no
+# features stage.
+FEATURE_FREE = ("random",)
 
 
 def budget(n: int, *, k: int | None = None, ratio: float | None = None) -> int:

@@ -18,7 +18,7 @@ from evoray.select.selection import Selection
 from evoray.storage import atomic_write_bytes, read_bytes
 
 __all__ = ["selection_table", "write_selection", "join_pool", "pool_records", "content_keys",
-           "select_features", "select_files", "write_scores"]
+           "select_features", "select_files", "select_pool", "write_scores"]
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 def selection_table(sel: Selection, ids: np.ndarray, target_ids: np.ndarray) -> pa.Table:
     """One row per selected candidate, in rank order: ``id``, ``rank`` (1 = best), ``count``,
     ``alignment``, ``novelty``, the method's other per-pick terms, ``nearest_targets`` (3 target
-    ids) and ``nearest_cos``, then the method's per-candidate scores of the selected rows."""
+    ids) and ``nearest_cos`` (when the selection read features), then the method's
+    per-candidate scores of the selected rows."""
     cols: dict[str, pa.Array] = {
         "id": pa.array(np.asarray(ids)[sel.indices].astype(str), pa.string()),
         "rank": pa.array(np.arange(1, len(sel) + 1, dtype=np.int64)),
@@ -36,10 +37,11 @@ def selection_table(sel: Selection, ids: np.ndarray, target_ids: np.ndarray) -> 
         if name in ("nearest_targets", "nearest_cos"):
             continue
         cols[name] = pa.array(np.asarray(col))
-    near = np.asarray(target_ids)[ex["nearest_targets"]].astype(str)
-    cols["nearest_targets"] = pa.array(near.tolist(), pa.list_(pa.string()))
-    cols["nearest_cos"] = pa.array(ex["nearest_cos"].astype(np.float32).tolist(),
-                                   pa.list_(pa.float32()))
+    if "nearest_targets" in ex:  # absent when no features were read (select_pool)
+        near = np.asarray(target_ids)[ex["nearest_targets"]].astype(str)
+        cols["nearest_targets"] = pa.array(near.tolist(), pa.list_(pa.string()))
+        cols["nearest_cos"] = pa.array(ex["nearest_cos"].astype(np.float32).tolist(),
+                                       pa.list_(pa.float32()))
     for name, col in sel.scores.items():
         if name not in cols:
             cols[name] = pa.array(np.asarray(col)[sel.indices])
@@ -211,3 +213,38 @@ def select_files(cfg, features: str, targets: str, out: str, *, pool: str | None
         "features": features, "targets": targets, "k": k, "ratio": cfg.ratio, "seed": cfg.seed,
         "read_s": read_s, **(extra or {})})
     return summary, sel, feats
+
+
+def select_pool(cfg, pool: str, out: str) -> tuple[dict, Selection]:
+    """Select with a method that reads no features (:data:`evoray.select.api.FEATURE_FREE`:
+    random) straight from the candidate records in ``pool``, and write the folder ``out`` as
+    :func:`select_files` does (``nearest_targets`` left out). The draw is the one
+    :func:`select_files` makes over the same candidates in content-key order, so random picks
+    the same records with features or without, unless the features stage skipped candidates
+    (a response longer than ``features.max_length``), which only this path can pick.
+
+    Raises:
+        SelectError: a method that needs features, an empty pool, or a budget outside it.
+    """
+    from evoray.select.api import FEATURE_FREE, budget
+    from evoray.select.baselines import random
+
+    if cfg.method not in FEATURE_FREE:
+        raise SelectError(f"{cfg.method} reads gradient features; only "
+                          f"{', '.join(FEATURE_FREE)} selects from the pool file alone")
+    _, keys = _pool_rows(pool, set())
+    if not keys:
+        raise SelectError(f"{pool}: the pool holds no candidate")
+    ids = np.array(list(keys), dtype=object)
+    order = np.argsort(np.fromiter(keys.values(), np.uint64, len(keys)), kind="stable")
+    k = budget(len(ids), k=cfg.k, ratio=cfg.ratio)
+    sel = random(np.empty((len(ids), 0), np.float32), None, k, seed=cfg.seed)
+    sel.indices = order[sel.indices]
+    sel.diagnostics.update(method=cfg.method, seed=cfg.seed, k=k, n=len(ids), m=0, params={})
+    records = pool_records(pool, sel, ids)
+    write_scores(out, sel, ids)
+    write_records(records, f"{out}/selected.jsonl", "candidate")
+    summary = write_selection(out, sel, ids, np.array([], object), extra={
+        "features": None, "pool": pool, "k": k, "ratio": cfg.ratio, "seed": cfg.seed,
+        "records": len(records)})
+    return summary, sel

@@ -55,6 +55,28 @@ def test_one_round_evolve_end_to_end(one_round, tmp_path):
     assert out["base"]["n_test"] == out["rounds"][0]["n_test"] == 120
 
 
+def test_random_rounds_skip_the_features_stage(one_round, tmp_path):
+    """select.method=random reads no features: its round has no features stage or folder, and
+    it picks from the same cleaned pool as the reference run, a ratio's worth."""
+    from evoray.report_run import load_run
+
+    cfg = demo_config(quick=True, **{"evolve.run_dir": str(tmp_path / "run"),
+                                     "evolve.rounds": 1, "evolve.test_size": 20,
+                                     "select.method": "random"})
+    out = evolve(cfg, say=lambda line: None)
+    rd = tmp_path / "run" / "round_01"
+    stages = Manifest(str(tmp_path / "run")).stages
+    assert "round_01/features" not in stages and "round_01/select" in stages
+    assert not (rd / "features").exists()
+    clean = read_records(str(rd / "clean.jsonl"), "candidate")
+    ref = read_records(f"{one_round['run_dir']}/round_01/clean.jsonl", "candidate")
+    assert [x["id"] for x in clean] == [x["id"] for x in ref]  # the same generated pool
+    picked = read_records(str(rd / "selection" / "selected.jsonl"), "candidate")
+    assert len(picked) == round(0.2 * len(clean)) == out["rounds"][0]["n_selected"]
+    assert {x["id"] for x in picked} <= {x["id"] for x in clean}
+    assert [r.status for r in load_run(str(tmp_path / "run")).rounds][1:] == ["done"]
+
+
 @pytest.mark.slow
 def test_every_round_writes_its_outputs_and_the_table(quick_run):
     run = quick_run["run_dir"]

@@ -134,3 +134,29 @@ def test_content_keys_read_prompt_and_response_only(files):
     assert (got == want).sum() == len(ids) - 1 and got[3] != want[3]
     with pytest.raises(SelectError, match="1 feature ids are not in the pool"):
         content_keys(str(files / "pool.jsonl"), ids + ["nope"])
+
+
+def test_random_from_the_pool_file_picks_what_it_picks_with_features(files, tmp_path):
+    """select_pool (no features) draws random's picks over the same content keys as
+    select_files: the same records in the same order, whatever the pool's row order."""
+    from evoray.config import SelectConfig
+    from evoray.errors import SelectError
+    from evoray.select.io import select_files, select_pool
+
+    lines = (files / "pool.jsonl").read_text().splitlines()[:-1]  # the candidates with features
+    (tmp_path / "shuffled.jsonl").write_text("\n".join(lines[::-1]) + "\n")
+    cfg = SelectConfig(method="random", ratio=0.1, seed=3)
+    want, _, _ = select_files(cfg, str(files / "F"), str(files / "T"), str(tmp_path / "a"),
+                              pool=str(files / "pool.jsonl"))
+    got, sel = select_pool(cfg, str(tmp_path / "shuffled.jsonl"), str(tmp_path / "b"))
+    picked = [pq.read_table(tmp_path / d / "selected.parquet")["id"].to_pylist()
+              for d in ("a", "b")]
+    assert len(picked[0]) == 20 and picked[0] == picked[1]
+    assert [json.loads(x)["id"] for x in (tmp_path / "b" / "selected.jsonl").read_text()
+            .splitlines()] == picked[1]
+    assert got["k"] == want["k"] == 20 and got["method"] == "random"
+    scores = pq.read_table(tmp_path / "b" / "scores.parquet")
+    assert scores.num_rows == 200 and sum(scores["selected"].to_pylist()) == 20
+    with pytest.raises(SelectError, match="reads gradient features"):
+        select_pool(SelectConfig(method="evoselect"), str(files / "pool.jsonl"),
+                    str(tmp_path / "c"))
