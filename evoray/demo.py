@@ -1,14 +1,20 @@
-"""``evoray demo``: an evolve run on embedded defaults, on a local Ray, then its report.
+"""``evoray demo``: two evolve runs on embedded defaults, random and EvoSelect, side by side.
 
-The defaults (:func:`demo_config`) are those of ``jobs/configs/demo.yaml``: SmolLM2-135M, a
-built-in task with the ``weak`` simulated generator (noisy: wrong labels, off-task and
-near-duplicate candidates), 2 rounds of 600 candidates, EvoSelect at ratio 0.2 (120 picks a round),
-LoRA training in-process. ``--quick`` (``jobs/configs/quick.yaml``) is the same loop on the tiny
-random ``tiny-llama`` with small pools, for tests and a first look in a minute.
+The defaults (:func:`demo_config`) are those of ``jobs/configs/demo.yaml`` (the EvoSelect arm):
+SmolLM2-135M, a built-in task with the ``weak`` simulated generator (noisy: wrong labels, off-task
+and near-duplicate candidates), 2 rounds of 600 candidates, EvoSelect at ratio 0.2 (120 picks a
+round), LoRA training in-process. :func:`run_demo` runs that loop twice, once per arm
+(:func:`arms`): random first, which selects from the pool file and needs no features, then the
+configured method. Both arms see the same generated pools (the simulated generator's seed is
+``generate.seed + round``) and train with the same recipe and seed; they run one after the other,
+each using both cores, on one local Ray. ``--quick`` (``jobs/configs/quick.yaml``) is the same on
+the tiny random ``tiny-llama`` with small pools, for tests and a first look in a minute.
 
-It prints each stage as it ends, then the per-round table: test accuracy and the selection's
-make-up (shares of clean, wrong-label, off-task and near-duplicate picks, from the generator's
-``meta.kind``, which selectors never read), and writes ``RUN_DIR/report.md`` with plots.
+It prints each stage as it ends, each arm's per-round table, then the arms side by side: test
+accuracy per round and the selection's make-up (shares of clean, wrong-label, off-task and
+near-duplicate picks, from the generator's ``meta.kind``, which selectors never read). It writes
+``RUN_DIR/<arm>/report.md`` with plots for each arm and ``RUN_DIR/report.md`` with the side-by-side
+table.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ from __future__ import annotations
 import time
 
 from evoray.config import Config, apply_override
+from evoray.storage import atomic_write_bytes
 
-__all__ = ["DEMO", "QUICK", "demo_config", "run_demo"]
+__all__ = ["DEMO", "QUICK", "arms", "compare_table", "demo_config", "run_demo"]
 
 DEMO = {
     "model": "smollm2-135m",
@@ -45,18 +52,79 @@ def demo_config(quick: bool = False, **overrides) -> Config:
     return cfg
 
 
+def arms(cfg: Config) -> tuple[str, ...]:
+    """The demo's arms: random, then the configured method (random alone if that is random)."""
+    return ("random",) if cfg.select.method == "random" else ("random", cfg.select.method)
+
+
 def run_demo(cfg: Config, *, resume: bool = False, say=print) -> dict:
-    """Run the evolve loop on ``cfg`` and write its report; returns :func:`evolve`'s result
-    plus ``report`` (the path of report.md)."""
+    """Run the evolve loop once per arm (:func:`arms`) on the same generated pools, each in
+    ``<evolve.run_dir>/<method>`` with its own report, then print and write the side-by-side
+    table (``<evolve.run_dir>/report.md``). The arms run one after the other, each with both
+    cores; they share one local Ray. Returns ``{"run_dir", "report", "arms": {method:
+    evolve's result plus its "report"}}``."""
     from evoray.evolve import evolve
     from evoray.models import load_model
+    from evoray.ray_utils import init_ray
+    from evoray.report import write_report
 
     t0 = time.perf_counter()
     load_model(cfg.model, cache_dir=cfg.cache_dir)  # converts SmolLM2 once, before the actors
     say(f"[demo] model {cfg.model!r} ready ({time.perf_counter() - t0:.1f} s)")
-    out = evolve(cfg, resume=resume, say=say)
-    from evoray.report import write_report
+    root = cfg.evolve.run_dir.rstrip("/")
+    started = init_ray()
+    results = {}
+    try:
+        for method in arms(cfg):
+            arm = apply_override(apply_override(cfg, "select.method", method),
+                                 "evolve.run_dir", f"{root}/{method}")
+            say(f"[demo] arm {method}: {arm.evolve.run_dir}")
+            out = evolve(arm, resume=resume, say=say)
+            out["report"] = write_report(out["run_dir"])
+            results[method] = out
+    finally:
+        if started:
+            import ray
 
-    out["report"] = write_report(out["run_dir"])
-    say(f"[demo] report: {out['report']} ({time.perf_counter() - t0:.0f} s in all)")
-    return out
+            ray.shutdown()
+    lines = compare_table(results)
+    say("\n".join(lines))
+    report = f"{root}/report.md"
+    atomic_write_bytes(report, "\n".join(_report_lines(cfg, results, lines)).encode("utf-8"))
+    say(f"[demo] report: {report} ({time.perf_counter() - t0:.0f} s in all)")
+    return {"run_dir": root, "report": report, "arms": results}
+
+
+def compare_table(results: dict) -> list[str]:
+    """The arms side by side, a Markdown table: test accuracy per round per arm (round 0 is
+    the base model, the same for every arm) and the selection's make-up by ``meta.kind``."""
+    kinds = ("clean", "wrong_label", "off_task", "near_duplicate")
+    lines = ["| round | arm | accuracy | picked | " + " | ".join(f"{k} %" for k in kinds) + " |",
+             "|---:|---|---:|---:|" + "---:|" * len(kinds)]
+    first = next(iter(results.values()))
+    if first.get("base"):
+        lines.append(f"| 0 | base model | {first['base']['accuracy']:.3f} | – | "
+                     + " | ".join("–" for _ in kinds) + " |")
+    n_rounds = max(len(out["rounds"]) for out in results.values())
+    for r in range(n_rounds):
+        for method, out in results.items():
+            if r >= len(out["rounds"]):
+                continue
+            m = out["rounds"][r]
+            mix = m.get("mix") or {}
+            acc = f"{m['accuracy']:.3f}" if m.get("accuracy") is not None else "–"
+            lines.append(f"| {m['round']} | {method} | {acc} | {m.get('n_selected', '–')} | "
+                         + " | ".join(f"{100 * mix.get(k, 0.0):.0f}" for k in kinds) + " |")
+    return lines
+
+
+def _report_lines(cfg: Config, results: dict, table: list[str]) -> list[str]:
+    links = [f"[{method}]({method}/report.md)" for method in results]
+    return ["# evoray demo", "",
+            f"{cfg.evolve.rounds} round(s) of {cfg.generate.pool_size} {cfg.generate.preset} "
+            f"simulated candidates of the {cfg.evolve.task!r} task, model {cfg.model!r}, "
+            f"ratio {cfg.select.ratio}; the arms select from the same generated pools and "
+            "train with the same recipe and seed.", "", *table, "",
+            "Make-up: share of the selection by the generator's `meta.kind`, which no selector "
+            "reads. One seed: the benchmark's paired 5-seed comparison is in the README's "
+            "Results.", "", "Each arm's own report: " + ", ".join(links), ""]

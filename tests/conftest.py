@@ -71,14 +71,15 @@ def one_round(ray_session, tmp_path_factory):
 @pytest.fixture(scope="session")
 def quick_run(ray_session, tmp_path_factory):
     """The reference evolve run of the slow tier: ``evoray demo --quick`` (tiny-llama, 2
-    rounds), trained in-process, with its report."""
+    rounds, a random arm then an EvoSelect arm), trained in-process, with its reports."""
     from evoray.demo import demo_config, run_demo
 
-    run_dir = str(tmp_path_factory.mktemp("quick") / "run")
+    root = str(tmp_path_factory.mktemp("quick") / "run")
     lines: list[str] = []
-    out = run_demo(demo_config(quick=True, **{"evolve.run_dir": run_dir}), say=lines.append)
-    out["lines"] = lines
-    return out
+    demo = run_demo(demo_config(quick=True, **{"evolve.run_dir": root}), say=lines.append)
+    # the EvoSelect arm, whose run folder is what demo_config(quick=True) with run_dir set to
+    # it reproduces; "demo" keeps both arms and the side-by-side report
+    return {**demo["arms"]["evoselect"], "lines": lines, "demo": demo}
 
 
 @pytest.fixture

@@ -19,9 +19,9 @@ NOISE = ("Token authentication is enabled", "constructor arguments in the object
 @pytest.mark.timeout(900)
 def test_demo_quick_console_has_no_ray_noise(tmp_path):
     run = tmp_path / "run"
-    (run / "round_01").mkdir(parents=True)
+    (run / "random" / "round_01").mkdir(parents=True)
     # a partial file of an interrupted run: the loop removes it with an evoray warning
-    (run / "round_01" / "pool.jsonl.tmp-0123abcd").write_text("partial")
+    (run / "random" / "round_01" / "pool.jsonl.tmp-0123abcd").write_text("partial")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["HOME"] = str(tmp_path / "home")  # the token Ray generates stays in this test's folder
     evoray = Path(sys.executable).with_name("evoray")

@@ -110,9 +110,33 @@ def test_every_round_writes_its_outputs_and_the_table(quick_run):
     # the proxy of round 2 is the round-1 model
     assert stages["round_02/features"]["stats"]["proxy"] == "round 1 model"
     printed = "\n".join(quick_run["lines"]).splitlines()
-    table = [line for line in printed if line.lstrip().startswith(("0 ", "1 ", "2 "))]
+    arm = printed.index(f"[demo] arm evoselect: {run}")
+    table = [line for line in printed[arm:] if line.lstrip().startswith(("0 ", "1 ", "2 "))]
     assert [line.split()[0] for line in table] == ["0", "1", "2"]
     assert quick_run["lines"][-1].startswith("[demo] report:")
+
+
+@pytest.mark.slow
+def test_demo_arms_share_the_pools_and_report_side_by_side(quick_run):
+    """The quick demo's random arm sees the EvoSelect arm's generated pools, reads no
+    features, picks as many, and both arms' rounds are in the side-by-side table."""
+    from pathlib import Path
+
+    demo = quick_run["demo"]
+    rand, evo = demo["arms"]["random"], demo["arms"]["evoselect"]
+    assert Path(rand["run_dir"]).parent == Path(evo["run_dir"]).parent == Path(demo["run_dir"])
+    for r in (1, 2):
+        pools = [read_records(f"{out['run_dir']}/round_{r:02d}/clean.jsonl", "candidate")
+                 for out in (rand, evo)]
+        assert pools[0] == pools[1]
+        assert not Path(f"{rand['run_dir']}/round_{r:02d}/features").exists()
+        assert rand["rounds"][r - 1]["n_selected"] == evo["rounds"][r - 1]["n_selected"]
+    text = Path(demo["report"]).read_text()
+    for out, method in ((rand, "random"), (evo, "evoselect")):
+        for m in out["rounds"]:
+            assert f"| {m['round']} | {method} | {m['accuracy']:.3f} |" in text
+        assert f"]({method}/report.md)" in text and Path(out["report"]).exists()
+    assert f"| 0 | base model | {evo['base']['accuracy']:.3f} |" in text
 
 
 @pytest.mark.slow
