@@ -48,6 +48,12 @@ RECIPES = {
     "const-1e-3": {"train": {**BASE, "epochs": 16}, "score": list(range(8, 17, 2))},
     "const-2e-3": {"train": {**BASE, "lr": 2e-3, "epochs": 20}, "score": list(range(6, 21, 2))},
     "bench-8": {"train": {**quality.TRAIN_V1}, "score": [2, 4, 6, 8], "diagnosis": True},
+    # For `evoray demo`, which must train two arms in minutes: ~100 clean picks (ratio 0.1 of a
+    # 1,000-candidate pool), at batch 8 and at batch 4 (twice the steps for the same compute).
+    # Their rows go to results/demo_recipe.json (--results), apart from the benchmark's choice.
+    "demo-b8": {"train": {**BASE, "epochs": 16}, "score": [6, 8, 10, 12, 14, 16], "pool": 1000},
+    "demo-b4": {"train": {**BASE, "batch_size": 4, "epochs": 12}, "score": [4, 6, 8, 10, 12],
+                "pool": 1000},
 }
 
 
@@ -67,6 +73,7 @@ def run_cell(work: str, pool_size: int, model: str, gen: str, recipe: str, seed:
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
     spec = RECIPES[recipe]
+    pool_size = spec.get("pool", pool_size)
     data = quality_cells.task_files(work, "lookup", gen, pool_size)
     rows = quality_cells.oracle_rows(data["pool_records"], "oracle_clean", "lookup", 0.1, seed)
     picks = [data["pool_records"][i] for i in rows]
@@ -88,7 +95,7 @@ def run_cell(work: str, pool_size: int, model: str, gen: str, recipe: str, seed:
     cfg = TrainConfig(**spec["train"], seed=seed)
     res = train(f"{folder}/selected.jsonl", model, cfg=cfg, out=f"{folder}/adapter",
                 on_checkpoint=score)
-    row = {"gen": gen, "recipe": recipe, "seed": seed, "threads": threads,
+    row = {"gen": gen, "recipe": recipe, "seed": seed, "threads": threads, "pool": pool_size,
            "train": spec["train"], "dev": dev, "examples": res.n_examples,
            "final_train_loss": float(res.history[-1])}
     if spec.get("diagnosis"):
@@ -168,7 +175,8 @@ def report(rows: dict) -> str:
     for (recipe, threads, gen), rs in sorted(groups.items()):
         rs.sort(key=lambda r: r["seed"])
         out += [f"### {recipe}, {gen} pool, {threads} torch thread(s)", "",
-                f"Settings: {_settings(rs[0]['train'])}.", "",
+                f"Settings: {_settings(rs[0]['train'])}; pool of {rs[0].get('pool', 2000)}, "
+                f"{rs[0]['examples']} clean picks.", "",
                 "| epochs | mean ± s.d. | " + " | ".join(f"seed {r['seed']}" for r in rs) + " |",
                 "|---" * (len(rs) + 2) + "|"]
         epochs = sorted({int(e) for r in rs for e in r["dev"]})
@@ -219,8 +227,8 @@ def main(argv: list[str] | None = None) -> None:
             for g in a.generators.split(",")
             if a.force or cell_key(g, r, int(s), a.threads) not in cells.rows]
     if not a.report and todo:
-        for g in sorted({g for g, _, _ in todo}):  # pools written once, before the workers
-            quality_cells.task_files(a.work, "lookup", g, a.pool_size)
+        for g, r in sorted({(g, r) for g, r, _ in todo}):  # pools written before the workers
+            quality_cells.task_files(a.work, "lookup", g, RECIPES[r].get("pool", a.pool_size))
         ctx = multiprocessing.get_context("spawn")
         with cf.ProcessPoolExecutor(a.jobs, mp_context=ctx) as pool:
             futures = {pool.submit(run_cell, a.work, a.pool_size, a.model, g, r, s, a.threads):
