@@ -69,6 +69,26 @@ def test_demo_is_two_rounds_of_600_at_ratio_02_in_process():
             cfg.train.num_workers) == (2, 600, "evoselect", 0.2, 0)
 
 
+def test_demo_arms_and_side_by_side_table():
+    from evoray.demo import arms, compare_table
+
+    assert arms(demo_config()) == ("random", "evoselect")
+    assert arms(demo_config(**{"select.method": "tsds"})) == ("random", "tsds")
+    assert arms(demo_config(**{"select.method": "random"})) == ("random",)
+    base = {"round": 0, "accuracy": 0.25}
+    results = {
+        "random": {"base": base, "rounds": [
+            {"round": 1, "accuracy": 0.5, "n_selected": 10, "mix": {"clean": 0.6,
+                                                                    "off_task": 0.4}}]},
+        "evoselect": {"base": base, "rounds": [
+            {"round": 1, "accuracy": 0.75, "n_selected": 10, "mix": {"clean": 1.0}}]}}
+    lines = compare_table(results)
+    assert lines[2] == "| 0 | base model | 0.250 | – | – | – | – | – |"
+    assert lines[3] == "| 1 | random | 0.500 | 10 | 60 | 0 | 40 | 0 |"
+    assert lines[4] == "| 1 | evoselect | 0.750 | 10 | 100 | 0 | 0 | 0 |"
+    assert len(lines) == 5
+
+
 def test_format_table_shows_make_up():
     rows = [{"round": 0, "accuracy": 0.25, "loss": 2.0},
             {"round": 1, "accuracy": 0.5, "loss": 1.0, "n_generated": 10, "n_clean": 9,
