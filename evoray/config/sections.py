@@ -124,7 +124,9 @@ class TrainConfig(_Stage):
     warmup_ratio: float = _f(0.03, "share of steps with linear warm-up")
     schedule: Literal["linear", "cosine", "constant"] = _f("linear", "learning-rate decay")
     weight_decay: float = _f(0.0, "AdamW weight decay")
-    bf16: bool = _f(False, "bfloat16 autocast (GPU only)")
+    bf16: bool = _f(False, "bfloat16 autocast of the forward and backward (GPU, or a CPU with "
+                         "AVX512-BF16 or AMX, where it about halves a step's time; slower on "
+                         "other CPUs); the LoRA weights and optimizer stay float32")
     gradient_checkpointing: bool = _f(False, "trade compute for activation memory")
     max_length: int = _f(512, "tokens per example; prompts are cut from the left")
     lora_r: int = _f(8, "LoRA rank")

@@ -210,7 +210,7 @@ def _train(c: dict, session) -> None:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if cfg.use_gpu else None)
     fail_at = int(os.environ.get(FAIL_ENV, "0"))
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and cfg.use_gpu
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16
                 else contextlib.nullcontext())
     net.train()
     t0, samples = time.perf_counter(), 0

@@ -66,6 +66,18 @@ def test_training_is_deterministic(task, trained, tmp_path):
     assert again.history == trained.history
 
 
+def test_bf16_autocast_on_cpu_learns_and_is_deterministic(task, trained, tmp_path):
+    """train.bf16 on a CPU: a bfloat16 autocast step (another trajectory than float32's), the
+    same adapter from the same seed, float32 LoRA weights, and the loss still falls."""
+    runs = [train(task["small"], "tiny-llama", cfg=TrainConfig(**CFG, bf16=True),
+                  out=str(tmp_path / name)) for name in ("a", "b")]
+    a, b = (load_file(os.path.join(r.adapter, "adapter_model.safetensors")) for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a) and runs[0].history == runs[1].history
+    assert {t.dtype for t in a.values()} == {torch.float32}
+    assert runs[0].history != trained.history  # float32's, from the same seed and data
+    assert runs[0].history[-1] < runs[0].history[0] - 0.3
+
+
 def test_on_checkpoint_sees_every_epoch(task, trained, tmp_path):
     """Local mode hands each epoch's checkpoint folder to ``on_checkpoint`` while it exists; the
     last one is the trained adapter. With a constant learning rate, epoch 1 of a 2-epoch run is
