@@ -1,14 +1,19 @@
 """``evoray demo``: two evolve runs on embedded defaults, random and EvoSelect, side by side.
 
 The defaults (:func:`demo_config`) are those of ``jobs/configs/demo.yaml`` (the EvoSelect arm):
-SmolLM2-135M, a built-in task with the ``weak`` simulated generator (noisy: wrong labels, off-task
-and near-duplicate candidates), 2 rounds of 600 candidates, EvoSelect at ratio 0.2 (120 picks a
-round), LoRA training in-process. :func:`run_demo` runs that loop twice, once per arm
-(:func:`arms`): random first, which selects from the pool file and needs no features, then the
-configured method. Both arms see the same generated pools (the simulated generator's seed is
-``generate.seed + round``) and train with the same recipe and seed; they run one after the other,
-each using both cores, on one local Ray. ``--quick`` (``jobs/configs/quick.yaml``) is the same on
-the tiny random ``tiny-llama`` with small pools, for tests and a first look in a minute.
+SmolLM2-135M on the built-in ``lookup`` task with the ``strong`` simulated generator (off-task,
+near-duplicate and some wrong-label candidates), one round of 1,000 candidates, EvoSelect at
+ratio 0.2 (200 picks), LoRA training in-process with the benchmark's recipe at 10 epochs and
+bfloat16 autocast, test accuracy on 200 questions. That is the setting where the downstream
+benchmark measured EvoSelect's largest gain over random (README, Results); one demo run is one
+seed, so its figures are an illustration, the benchmark's interval the result.
+
+:func:`run_demo` runs that loop twice, once per arm (:func:`arms`): random first, which
+selects from the pool file and needs no features, then the configured method. Both arms see the
+same generated pools (the simulated generator's seed is ``generate.seed + round``) and train with
+the same recipe and seed; they run one after the other, each using both cores, on one local Ray.
+``--quick`` (``jobs/configs/quick.yaml``) runs the two arms on the tiny random ``tiny-llama``
+(weak arithmetic pools of 120, 2 rounds), for tests and a first look in a minute.
 
 It prints each stage as it ends, each arm's per-round table, then the arms side by side: test
 accuracy per round and the selection's make-up (shares of clean, wrong-label, off-task and
@@ -26,20 +31,37 @@ from evoray.storage import atomic_write_bytes
 
 __all__ = ["DEMO", "QUICK", "arms", "compare_table", "demo_config", "run_demo"]
 
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEMO = {
     "model": "smollm2-135m",
-    "generate.kind": "simulated", "generate.preset": "weak", "generate.pool_size": 600,
-    "evolve.task": "arithmetic", "evolve.rounds": 2, "evolve.run_dir": "runs/demo",
+    # The benchmark's setting with EvoSelect's largest gain: lookup, strong generator (README's
+    # Results), on a pool of 1,000 at ratio 0.2 (200 picks), so that the picks are as many as
+    # the benchmark's (ratio 0.1 of 2,000) and the features stage takes half as long.
+    "generate.kind": "simulated", "generate.preset": "strong", "generate.pool_size": 1000,
+    "evolve.task": "lookup", "evolve.rounds": 1, "evolve.run_dir": "runs/demo",
+    "evolve.test_size": 200,
     "select.method": "evoselect", "select.ratio": 0.2,
     # One feature actor on one CPU, so that the other CPU of a 2-core machine is free for Ray
     # Data's tasks; its torch uses 2 threads, since the driver is idle while features run.
     "features.num_actors": 1, "features.num_cpus": 1.0, "features.threads": 2,
-    "features.max_length": 256,
-    "train.num_workers": 0, "train.max_length": 256,
+    "features.max_length": 96,
+    # The benchmark's recipe (benchmarks/results/recipe.md) at 10 epochs instead of 16, with
+    # bfloat16 autocast, which halves a step on a CPU with AVX512-BF16
+    # (benchmarks/results/demo_recipe.md: dev .77 and .895 at 10 epochs on clean picks).
+    "train.num_workers": 0, "train.max_length": 96, "train.epochs": 10, "train.lr": 1e-3,
+    "train.schedule": "constant", "train.warmup_ratio": 0.0, "train.lora_dropout": 0.0,
+    "train.lora_r": 16, "train.lora_alpha": 32.0, "train.target_modules": ALL_PROJECTIONS,
+    "train.bf16": True,
 }
 QUICK = {
-    **DEMO, "model": "tiny-llama", "generate.pool_size": 120, "evolve.run_dir": "runs/quick",
-    "features.dim": 256, "train.epochs": 1,
+    # The loop of the first demo (weak arithmetic, 2 rounds, default training) on tiny-llama and
+    # pools of 120: a minute, and the reference run of the test suite.
+    "model": "tiny-llama", "generate.kind": "simulated", "generate.preset": "weak",
+    "generate.pool_size": 120, "evolve.task": "arithmetic", "evolve.rounds": 2,
+    "evolve.run_dir": "runs/quick", "select.method": "evoselect", "select.ratio": 0.2,
+    "features.num_actors": 1, "features.num_cpus": 1.0, "features.threads": 2,
+    "features.max_length": 256, "features.dim": 256,
+    "train.num_workers": 0, "train.max_length": 256, "train.epochs": 1,
 }
 
 

@@ -61,12 +61,12 @@ def test_job_configs_are_the_demo_defaults(quick, name):
     assert load_config(f"jobs/configs/{name}.yaml") == demo_config(quick=quick)
 
 
-def test_demo_is_two_rounds_of_600_at_ratio_02_in_process():
+def test_demo_is_the_strong_lookup_setting_in_process():
     cfg = demo_config()
-    assert (cfg.model, cfg.generate.kind, cfg.generate.preset) == ("smollm2-135m", "simulated",
-                                                                   "weak")
+    assert (cfg.model, cfg.generate.kind, cfg.generate.preset, cfg.evolve.task) == (
+        "smollm2-135m", "simulated", "strong", "lookup")
     assert (cfg.evolve.rounds, cfg.generate.pool_size, cfg.select.method, cfg.select.ratio,
-            cfg.train.num_workers) == (2, 600, "evoselect", 0.2, 0)
+            cfg.train.num_workers, cfg.train.bf16) == (1, 1000, "evoselect", 0.2, 0, True)
 
 
 def test_demo_arms_and_side_by_side_table():
