@@ -4,9 +4,9 @@ The defaults (:func:`demo_config`) are those of ``jobs/configs/demo.yaml`` (the 
 SmolLM2-135M on the built-in ``lookup`` task with the ``strong`` simulated generator (off-task,
 near-duplicate and some wrong-label candidates), one round of 1,000 candidates, EvoSelect at
 ratio 0.2 (200 picks), LoRA training in-process with the benchmark's recipe at 10 epochs and
-bfloat16 autocast, test accuracy on 200 questions. That is the setting where the downstream
-benchmark measured EvoSelect's largest gain over random (README, Results); one demo run is one
-seed, so its figures are an illustration, the benchmark's interval the result.
+bfloat16 autocast, test accuracy on 200 questions: the benchmark's setting where EvoSelect's
+picks are cleanest against random's (README, Results). One demo run is one seed, so its figures
+are an illustration; the benchmark's paired interval is the result.
 
 :func:`run_demo` runs that loop twice, once per arm (:func:`arms`): random first, which
 selects from the pool file and needs no features, then the configured method. Both arms see the
@@ -34,9 +34,10 @@ __all__ = ["DEMO", "QUICK", "arms", "compare_table", "demo_config", "run_demo"]
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEMO = {
     "model": "smollm2-135m",
-    # The benchmark's setting with EvoSelect's largest gain: lookup, strong generator (README's
-    # Results), on a pool of 1,000 at ratio 0.2 (200 picks), so that the picks are as many as
-    # the benchmark's (ratio 0.1 of 2,000) and the features stage takes half as long.
+    # The benchmark's setting where EvoSelect's picks are cleanest against random's: lookup,
+    # strong generator (README's Results), on a pool of 1,000 at ratio 0.2 (200 picks), so that
+    # the picks are as many as the benchmark's (ratio 0.1 of 2,000) and the features stage takes
+    # half as long.
     "generate.kind": "simulated", "generate.preset": "strong", "generate.pool_size": 1000,
     "evolve.task": "lookup", "evolve.rounds": 1, "evolve.run_dir": "runs/demo",
     "evolve.test_size": 200,
