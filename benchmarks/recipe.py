@@ -59,6 +59,11 @@ RECIPES = {
 }
 
 
+def pool_size_of(recipe: str, default: int) -> int:
+    """The pool a recipe trains from: its own ``pool``, else ``--pool-size``."""
+    return RECIPES[recipe].get("pool", default)
+
+
 def cell_key(gen: str, recipe: str, seed: int, threads: int) -> str:
     return f"recipe|lookup|{gen}|{recipe}|{seed}|t{threads}"
 
@@ -75,7 +80,7 @@ def run_cell(work: str, pool_size: int, model: str, gen: str, recipe: str, seed:
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
     spec = RECIPES[recipe]
-    pool_size = spec.get("pool", pool_size)
+    pool_size = pool_size_of(recipe, pool_size)
     data = quality_cells.task_files(work, "lookup", gen, pool_size)
     rows = quality_cells.oracle_rows(data["pool_records"], "oracle_clean", "lookup", 0.1, seed)
     picks = [data["pool_records"][i] for i in rows]
@@ -230,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
             if a.force or cell_key(g, r, int(s), a.threads) not in cells.rows]
     if not a.report and todo:
         for g, r in sorted({(g, r) for g, r, _ in todo}):  # pools written before the workers
-            quality_cells.task_files(a.work, "lookup", g, RECIPES[r].get("pool", a.pool_size))
+            quality_cells.task_files(a.work, "lookup", g, pool_size_of(r, a.pool_size))
         ctx = multiprocessing.get_context("spawn")
         with cf.ProcessPoolExecutor(a.jobs, mp_context=ctx) as pool:
             futures = {pool.submit(run_cell, a.work, a.pool_size, a.model, g, r, s, a.threads):

@@ -146,22 +146,31 @@ class _Loop:
         clean_digest, clean_stats = self.stage(
             f"round_{r:02d}/clean", [gen_digest, files["eval_hash"]], [clean],
             lambda: clean_pool(pool, clean, prompts))
-        # -- features (none for a method that reads none: random)
+        # -- features (none for a method that reads none: random), then select
         sel_dir = f"{rd}/selection"
-        sel_outputs = [f"{sel_dir}/selected.jsonl", f"{sel_dir}/scores.parquet"]
         if cfg.select.method in FEATURE_FREE:
-            def select():
+            def pick():
                 from evoray.select.io import select_pool
 
-                summary, _ = select_pool(cfg.select, clean, sel_dir)
-                return {"method": cfg.select.method, "selected": summary["selected"],
-                        "of": summary["diagnostics"]["n"]}
+                return select_pool(cfg.select, clean, sel_dir)[0]
 
-            sel_digest, _ = self.stage(f"round_{r:02d}/select",
-                                       [clean_digest, select_inputs(cfg)], sel_outputs, select)
+            read_digest = clean_digest
         else:
-            sel_digest = self.select_with_features(r, clean, clean_digest, files, prev,
-                                                   sel_dir, sel_outputs)
+            read_digest, fpool, ftargets = self.features(r, clean, clean_digest, files, prev)
+
+            def pick():
+                from evoray.select.io import select_files
+
+                return select_files(cfg.select, fpool, ftargets, sel_dir, pool=clean)[0]
+
+        def select():
+            summary = pick()
+            return {"method": cfg.select.method, "selected": summary["selected"],
+                    "of": summary["diagnostics"]["n"]}
+
+        sel_digest, _ = self.stage(f"round_{r:02d}/select", [read_digest, select_inputs(cfg)],
+                                   [f"{sel_dir}/selected.jsonl", f"{sel_dir}/scores.parquet"],
+                                   select)
         selected = f"{sel_dir}/selected.jsonl"
         # -- train
         adapter = f"{rd}/adapter"
@@ -221,10 +230,10 @@ class _Loop:
                 "replay_digests": replay,
                 "metrics": json.loads(read_bytes(metrics_path))}
 
-    def select_with_features(self, r: int, clean: str, clean_digest: str, files: dict,
-                             prev: dict | None, sel_dir: str, sel_outputs: list[str]) -> str:
-        """Round r's features stage (proxy: the previous round's model) and its selection;
-        returns the selection's digest."""
+    def features(self, r: int, clean: str, clean_digest: str, files: dict,
+                 prev: dict | None) -> tuple[str, str, str]:
+        """Round r's features stage (proxy: the previous round's model); returns its digest and
+        the pool's and the targets' feature folders."""
         cfg, rd = self.cfg, round_dir(self.run, r)
         prev_adapter = prev["adapter"] if prev else None
         prev_train = prev["train_digest"] if prev else None
@@ -241,17 +250,7 @@ class _Loop:
             lambda: featurize_round(cfg, clean, files["targets"], fpool, ftargets, proxy=proxy,
                                     adam_state=adam, proxy_name="base + fresh LoRA" if proxy
                                     is None else f"round {r - 1} model"))
-
-        def select():
-            from evoray.select.io import select_files
-
-            summary, sel, feats = select_files(cfg.select, fpool, ftargets, sel_dir, pool=clean)
-            return {"method": cfg.select.method, "selected": summary["selected"],
-                    "of": len(feats)}
-
-        digest_, _ = self.stage(f"round_{r:02d}/select", [feat_digest, select_inputs(cfg)],
-                                sel_outputs, select)
-        return digest_
+        return feat_digest, fpool, ftargets
 
     def base(self, files: dict) -> dict | None:
         if not files["test"]:

@@ -17,6 +17,7 @@ forward passes (see :func:`prepare_tokenizer`). Specs:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -30,7 +31,8 @@ from evoray.data.tokenize import IGNORE
 from evoray.errors import ModelError
 
 __all__ = ["BUILTIN_MODELS", "load_model", "prepare_tokenizer", "byte_tokenizer",
-           "default_cache_dir", "smollm2_dir", "count_parameters", "response_logits"]
+           "default_cache_dir", "smollm2_dir", "count_parameters", "response_logits",
+           "sample_means"]
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +210,7 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@functools.cache
 def _masked_head() -> bool:
     import transformers
 
@@ -244,3 +247,11 @@ def response_logits(model, batch: dict[str, torch.Tensor]):
         logits = logits[:, :-1][keep]
     row, col = keep.nonzero(as_tuple=True)
     return logits.float(), target[keep], row, col
+
+
+def sample_means(values: torch.Tensor, row: torch.Tensor, size: int) -> torch.Tensor:
+    """``(size,)``: the mean of ``values`` over the entries of each sample (``row`` from
+    :func:`response_logits`), e.g. a per-sample response loss from per-token ones; 0 for a
+    sample with no entry."""
+    total = torch.zeros(size, dtype=values.dtype, device=values.device).index_add(0, row, values)
+    return total / torch.bincount(row, minlength=size).clamp(min=1)

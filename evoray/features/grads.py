@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from evoray.data.tokenize import IGNORE
 from evoray.lora import lora_pairs
-from evoray.models import response_logits
+from evoray.models import response_logits, sample_means
 
 __all__ = ["per_sample_losses", "BatchedGradients", "reference_gradients", "adam_precondition"]
 
@@ -54,10 +54,7 @@ def _forward_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     :func:`evoray.models.response_logits`); the reference path reads the full logits."""
     logits, target, row, _ = response_logits(model, batch)
     nll = F.cross_entropy(logits, target, reduction="none")
-    size = batch["labels"].shape[0]
-    total = torch.zeros(size, dtype=nll.dtype, device=nll.device).index_add(0, row, nll)
-    count = torch.bincount(row, minlength=size)
-    return total / count.clamp(min=1)
+    return sample_means(nll, row, batch["labels"].shape[0])
 
 
 def _full_forward_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

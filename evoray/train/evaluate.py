@@ -27,7 +27,7 @@ import torch
 from evoray.data.tokenize import IGNORE, collate, encode_pair, special_prefix
 from evoray.errors import TrainError
 from evoray.lora import load_with_adapter
-from evoray.models import response_logits
+from evoray.models import response_logits, sample_means
 
 __all__ = ["evaluate", "evaluate_model", "score_items", "metrics", "letter_tokens", "EvalActor"]
 
@@ -75,8 +75,7 @@ def score_items(model, tokenizer, items: list[dict], *, batch_size: int = 16,
         batch = {k: v.to(device) for k, v in collate(encoded, tokenizer.pad_token_id).items()}
         logits, target, row, col = response_logits(model, batch)
         nll = torch.nn.functional.cross_entropy(logits, target, reduction="none")
-        total = torch.zeros(len(chunk), dtype=nll.dtype, device=nll.device).index_add(0, row, nll)
-        losses.extend((total / torch.bincount(row, minlength=len(chunk))).tolist())
+        losses.extend(sample_means(nll, row, len(chunk)).tolist())
         logp = torch.log_softmax(logits, dim=-1)
         for i, item in enumerate(chunk):
             at = int(((row == i) & (col == cols[i])).nonzero()[0, 0])
