@@ -10,7 +10,9 @@ For each model, at sequence length 128 (no padding), on this machine, in one run
 
 Two proxies: ``fresh`` (a new LoRA, B = 0, so the batched extractor skips the A gradients) and
 ``trained`` (B != 0, every gradient computed). Prints one table with the ratios batched/loop and
-batched/train. Results also go to ``benchmarks/results/features.json``.
+batched/train. Results also go to ``benchmarks/results/features.json``. ``--bf16`` instead times
+the batched extractor under bfloat16 autocast (``features.bf16``) against float32 on real lookup
+candidates, with how far the features move (``benchmarks/results/features_bf16.json``).
 
     python benchmarks/features.py [--models tiny-llama smollm2-135m] [--batch tiny-llama=128]
 
@@ -49,9 +51,10 @@ def make_batch(tok, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def extractor(model_name: str, trained: bool, reference: bool = False) -> FeatureExtractor:
+def extractor(model_name: str, trained: bool, reference: bool = False,
+              bf16: bool = False) -> FeatureExtractor:
     base, tok = load_model(model_name)
-    ext = FeatureExtractor(base, tok, FeaturesConfig(dim=1024), reference=reference)
+    ext = FeatureExtractor(base, tok, FeaturesConfig(dim=1024, bf16=bf16), reference=reference)
     if trained:  # as after training: B != 0, so no gradient is identically zero
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():
@@ -130,7 +133,11 @@ def main() -> None:
     ap.add_argument("--batch", nargs="*", default=[], metavar="MODEL=N",
                     help=f"batch size of the batched extractor per model (default {BATCH})")
     ap.add_argument("--loop-samples", type=int, default=16, help="samples timed in the loop")
+    ap.add_argument("--bf16", action="store_true",
+                    help="instead: the batched extractor under bfloat16 autocast against float32")
     args = ap.parse_args()
+    if args.bf16:
+        return bf16_table(args.models)
     sizes = {**BATCH, **{k: int(v) for k, v in (b.split("=") for b in args.batch)}}
     torch.manual_seed(0)
     rows = []
@@ -163,6 +170,49 @@ def main() -> None:
               f"{r['batched']:>8.1f} "
               f"{r['train']:>8.1f} {r['batched/loop']:>12.2f}x {r['batched/train']:>13.2f}x "
               f"{str(r['a_skipped']):>10} {r['projection_cache_mb']:>8}")
+
+def bf16_row(name: str, n: int = 64, bs: int = 16) -> dict:
+    """The batched extractor under bfloat16 autocast against float32 on ``n`` real candidates
+    (the strong lookup pool's, at max_length 96: the demo's setting): samples/s of each, their
+    ratio, and how far each sample's feature moves (relative difference, cosine). Random tokens
+    are no test of precision: their huge losses amplify rounding through the layers."""
+    import numpy as np
+
+    from evoray.data import collate, encode_pair
+    from evoray.tasks.simulate import make_splits, simulate_pool
+
+    tok = load_model(name)[1]
+    pool = simulate_pool(make_splits("lookup"), n, preset="strong")
+    batches = [collate([encode_pair(tok, r["prompt"], r["response"], 96)
+                        for r in pool[i:i + bs]], tok.pad_token_id) for i in range(0, n, bs)]
+    out = {}
+    for bf16 in (False, True):
+        base, _ = load_model(name)
+        ext = FeatureExtractor(base, tok, FeaturesConfig(dim=1024, max_length=96, bf16=bf16))
+        ext(batches[0])  # warm-up, fills the projection cache
+        t0 = time.perf_counter()
+        feats = np.concatenate([ext(b)[0] for b in batches])
+        out[bf16] = (feats, n / (time.perf_counter() - t0))
+    (a, r32), (b, r16) = out[False], out[True]
+    rel = np.linalg.norm(b - a, axis=1) / np.linalg.norm(a, axis=1)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    return {"model": name, "float32": r32, "bf16": r16, "bf16/float32": r16 / r32,
+            "median_rel_diff": float(np.median(rel)), "max_rel_diff": float(rel.max()),
+            "min_cosine": float(cos.min())}
+
+
+def bf16_table(models: list[str]) -> None:
+    """Print and store :func:`bf16_row` for each model."""
+    b16 = [bf16_row(name) for name in models]
+    print(f"\nbatched extractor under bfloat16 autocast (features.bf16) against float32, on 64 "
+          f"strong lookup candidates at max_length 96, batch 16\n"
+          f"{'model':<14} {'float32':>8} {'bf16':>8} {'bf16/float32':>13} "
+          f"{'median rel diff':>16} {'max rel diff':>13} {'min cosine':>11}")
+    for r in b16:
+        print(f"{r['model']:<14} {r['float32']:>8.1f} {r['bf16']:>8.1f} "
+              f"{r['bf16/float32']:>12.2f}x {r['median_rel_diff']:>16.4f} "
+              f"{r['max_rel_diff']:>13.4f} {r['min_cosine']:>11.5f}")
+    RESULTS.with_name("features_bf16.json").write_text(json.dumps(b16, indent=2))
 
 
 if __name__ == "__main__":

@@ -43,9 +43,11 @@ DEMO = {
     "evolve.test_size": 200,
     "select.method": "evoselect", "select.ratio": 0.2,
     # One feature actor on one CPU, so that the other CPU of a 2-core machine is free for Ray
-    # Data's tasks; its torch uses 2 threads, since the driver is idle while features run.
+    # Data's tasks; its torch uses 2 threads, since the driver is idle while features run; under
+    # bfloat16 autocast, which about halves the stage and moves a feature by 4% (median; cosine
+    # to float32's >= 0.998, benchmarks/features.py --bf16).
     "features.num_actors": 1, "features.num_cpus": 1.0, "features.threads": 2,
-    "features.max_length": 96,
+    "features.max_length": 96, "features.bf16": True,
     # The benchmark's recipe (benchmarks/results/recipe.md) at 10 epochs instead of 16, with
     # bfloat16 autocast, which halves a step on a CPU with AVX512-BF16
     # (benchmarks/results/demo_recipe.md: dev .77 and .895 at 10 epochs on clean picks).
@@ -102,7 +104,8 @@ def run_demo(cfg: Config, *, resume: bool = False, say=print) -> dict:
             arm = apply_override(apply_override(cfg, "select.method", method),
                                  "evolve.run_dir", f"{root}/{method}")
             say(f"[demo] arm {method}: {arm.evolve.run_dir}")
-            out = evolve(arm, resume=resume, say=say)
+            base = next(iter(results.values()))["base"] if results else None
+            out = evolve(arm, resume=resume, say=say, base=base)
             out["report"] = write_report(out["run_dir"])
             results[method] = out
     finally:

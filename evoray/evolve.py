@@ -252,17 +252,24 @@ class _Loop:
                                     is None else f"round {r - 1} model"))
         return feat_digest, fpool, ftargets
 
-    def base(self, files: dict) -> dict | None:
+    def base(self, files: dict, known: dict | None = None) -> dict | None:
+        """Round 0: the base model on the test set; ``known`` (another run's round 0) is
+        copied instead when it was measured on the same model, test set and length."""
         if not files["test"]:
             return None
         from evoray.train import evaluate
 
         path = f"{self.run}/base/metrics.json"
+        same = {"model": self.cfg.model, "test_hash": files["test_hash"],
+                "max_length": self.cfg.train.max_length}
 
         def do_evaluate():
-            res = evaluate(self.cfg.model, None, files["test"], **self.eval_kw)
-            m = {"round": 0, "accuracy": res["accuracy"], "loss": res["loss"], "n_test": res["n"],
-                 "per_subtask": res["per_subtask"]}
+            if known and all(known.get(k) == v for k, v in same.items()):
+                m = known
+            else:
+                res = evaluate(self.cfg.model, None, files["test"], **self.eval_kw)
+                m = {"round": 0, "accuracy": res["accuracy"], "loss": res["loss"],
+                     "n_test": res["n"], "per_subtask": res["per_subtask"], **same}
             atomic_write_bytes(path, (json.dumps(m, indent=2) + "\n").encode())
             return {"accuracy": round(m["accuracy"], 4), "loss": round(m["loss"], 4)}
 
@@ -287,7 +294,8 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def evolve(cfg: Config, *, resume: bool = False, say=print, progress: bool = True) -> dict:
+def evolve(cfg: Config, *, resume: bool = False, say=print, progress: bool = True,
+           base: dict | None = None) -> dict:
     """Run ``cfg.evolve.rounds`` rounds of the loop; see the module docstring for the layout.
 
     Args:
@@ -295,6 +303,9 @@ def evolve(cfg: Config, *, resume: bool = False, say=print, progress: bool = Tru
         resume: continue the run in ``cfg.evolve.run_dir``, skipping finished stages.
         say: prints a line as each stage ends, and the final table.
         progress: training also prints a line every tenth of its steps.
+        base: another run's round-0 metrics (its result's ``"base"``), reused when they were
+            measured on the same model and test set (the demo's arms), instead of evaluating the
+            base model again.
 
     Returns:
         ``{"run_dir", "base": base metrics or None, "rounds": [metrics of each round]}``.
@@ -327,7 +338,7 @@ def evolve(cfg: Config, *, resume: bool = False, say=print, progress: bool = Tru
         f"{cfg.model!r} -> {loop.run}")
     started = init_ray()
     try:
-        base = loop.base(files)
+        base = loop.base(files, known=base)
         rounds, prev = [], None
         for r in range(1, cfg.evolve.rounds + 1):
             prev = loop.round(r, files, prompts, prev)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -73,10 +74,12 @@ class FeatureExtractor:
         if empty.any():
             raise FeatureError(f"sample {ids[int(empty.nonzero()[0])]!r} has no response token "
                                f"to compute a loss on")
-        if self.reference:
-            grads, losses = reference_gradients(self.model, batch)
-        else:
-            grads, losses = self.grads(batch)
+        with (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.bf16
+              else contextlib.nullcontext()):
+            if self.reference:
+                grads, losses = reference_gradients(self.model, batch)
+            else:
+                grads, losses = self.grads(batch)
         if self.adam is not None:
             n = batch["input_ids"].shape[0]
             grads = [g if g is not None else torch.zeros(n, *s[0].shape, device=self.device)
@@ -98,7 +101,7 @@ class FeatureExtractor:
             "dim": self.dim, "seed": self.cfg.seed, "lora_r": self.cfg.lora_r,
             "lora_alpha": self.cfg.lora_alpha, "target_modules": list(self.cfg.target_modules),
             "layers": [p.name for p in self.grads.pairs], "a_skipped": self.a_skipped,
-            "adam": self.adam is not None, "gradient_entries": sum(self.grads.sizes),
+            "adam": self.adam is not None, "bf16": self.cfg.bf16, "gradient_entries": sum(self.grads.sizes),
             "projection_block_rows": self.projector.block_rows,
             "projection_cached_mb": math.ceil(self.projector.cached_bytes / 2**20),
             "projection_peak_mb": math.ceil(self.projector.peak_bytes / 2**20),

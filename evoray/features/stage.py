@@ -68,10 +68,16 @@ _NOT_HASHED = {"num_actors", "num_gpus", "num_cpus", "batch_size", "proj_block_m
                "proj_cache_mb", "on_bad"}
 
 
+# Settings added after features were first cached: hashed only when not at their default, so
+# that features computed before they existed stay valid.
+_HASHED_WHEN_SET = {"bf16": False}
+
+
 def value_settings(cfg: FeaturesConfig) -> dict:
     """The features settings that change a feature's value (not speed or placement): what a
     cache key of features holds."""
-    return {k: v for k, v in config_to_dict(cfg).items() if k not in _NOT_HASHED}
+    return {k: v for k, v in config_to_dict(cfg).items() if k not in _NOT_HASHED
+            and not (k in _HASHED_WHEN_SET and v == _HASHED_WHEN_SET[k])}
 
 
 def _hash_path(h, path: str | None) -> None:

@@ -119,7 +119,8 @@ def test_every_round_writes_its_outputs_and_the_table(quick_run):
 @pytest.mark.slow
 def test_demo_arms_share_the_pools_and_report_side_by_side(quick_run):
     """The quick demo's random arm sees the EvoSelect arm's generated pools, reads no
-    features, picks as many, and both arms' rounds are in the side-by-side table."""
+    features, picks as many, both arms share one base evaluation, and both arms' rounds are in
+    the side-by-side table."""
     from pathlib import Path
 
     demo = quick_run["demo"]
@@ -137,6 +138,7 @@ def test_demo_arms_share_the_pools_and_report_side_by_side(quick_run):
             assert f"| {m['round']} | {method} | {m['accuracy']:.3f} |" in text
         assert f"]({method}/report.md)" in text and Path(out["report"]).exists()
     assert f"| 0 | base model | {evo['base']['accuracy']:.3f} |" in text
+    assert evo["base"] == rand["base"]  # evaluated once, by the first arm
 
 
 @pytest.mark.slow

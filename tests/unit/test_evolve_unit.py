@@ -120,3 +120,34 @@ def test_selection_key_ignores_the_other_selectors_settings():
     assert select_inputs(load_config(None, ["select.tsds.kde_K=7"])) == base
     assert select_inputs(load_config(None, ["select.evoselect.novelty_pcs=0"])) != base
     assert select_inputs(load_config(None, ["select.method=tsds"])) != base
+
+
+def test_base_metrics_are_reused_only_for_the_same_model_test_set_and_length(tmp_path,
+                                                                          monkeypatch):
+    """The demo's second arm copies the first arm's round 0 instead of evaluating the base model
+    again, but only when model, test set and max_length are the same; otherwise it evaluates."""
+    import evoray.train
+    from evoray.evolve import _Loop
+
+    calls = []
+
+    def fake_evaluate(model, adapter, test, **kw):
+        calls.append((model, adapter, test, kw["max_length"]))
+        return {"accuracy": 0.5, "loss": 1.0, "n": 4, "per_subtask": {}}
+
+    monkeypatch.setattr(evoray.train, "evaluate", fake_evaluate)
+    files = {"test": "test.jsonl", "test_hash": "h1"}
+    first = _Loop(demo_config(quick=True, **{"evolve.run_dir": str(tmp_path / "a")}), False,
+                  lambda *_: None, False).base(files)
+    assert len(calls) == 1 and first["test_hash"] == "h1" and first["model"] == "tiny-llama"
+
+    def arm(name, known, **over):
+        cfg = demo_config(quick=True, **{"evolve.run_dir": str(tmp_path / name), **over})
+        return _Loop(cfg, False, lambda *_: None, False).base(dict(files), known=known)
+
+    assert arm("b", first) == first and len(calls) == 1
+    assert json.loads((tmp_path / "b" / "base" / "metrics.json").read_text()) == first
+    arm("c", {**first, "test_hash": "other"})
+    arm("d", first, **{"train.max_length": 64})
+    arm("e", first, model="tiny-gpt2")
+    assert len(calls) == 4 and calls[-1][0] == "tiny-gpt2" and calls[-2][3] == 64
