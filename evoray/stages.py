@@ -281,9 +281,9 @@ def generate_pool(cfg: Config, r: int, targets: list[dict], out: str, *,
 def features_inputs(cfg: Config, clean_digest: str, targets_digest: str, *,
                     proxy_digest: str | None = None, adam_digest: str | None = None) -> list:
     """What a round's features depend on: the cleaned pool, the targets, the model, the features
-    settings that change a value (:func:`evoray.features.stage.value_settings`), the proxy's
+    settings that change a value (:func:`evoray.features.key.value_settings`), the proxy's
     training and the Adam state's."""
-    from evoray.features.stage import value_settings
+    from evoray.features.key import value_settings
 
     return [clean_digest, targets_digest, cfg.model, value_settings(cfg.features), proxy_digest,
             adam_digest]

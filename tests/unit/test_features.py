@@ -229,13 +229,13 @@ def test_bf16_features_are_close_to_float32_and_deterministic():
 def test_bf16_is_in_the_cache_key_only_when_set(tmp_path):
     """A setting added after features were first cached keeps the older caches valid: with
     bf16 off the key is what it was before the setting existed; on, it is another key."""
-    from evoray.features import stage
+    from evoray.features import key
 
-    assert "bf16" not in stage.value_settings(FeaturesConfig())
-    assert stage.value_settings(FeaturesConfig(bf16=True))["bf16"] is True
+    assert "bf16" not in key.value_settings(FeaturesConfig())
+    assert key.value_settings(FeaturesConfig(bf16=True))["bf16"] is True
     pool = tmp_path / "pool.jsonl"
     pool.write_text('{"id": "a", "prompt": "p", "response": "r"}\n')
-    keys = {stage.input_hash(str(pool), "tiny-llama", None, None, FeaturesConfig(bf16=b), 256)
+    keys = {key.input_hash(str(pool), "tiny-llama", None, None, FeaturesConfig(bf16=b), 256)
             for b in (False, True)}
     assert len(keys) == 2
 
@@ -262,14 +262,14 @@ def test_batch_plan_depends_on_content_only():
 
 def test_features_version_is_hashed(tmp_path, monkeypatch):
     """Features made by another version of the computation are never reused."""
-    from evoray.features import stage
+    from evoray.features import key
 
     pool = tmp_path / "pool.jsonl"
     pool.write_text('{"id": "a", "prompt": "p", "response": "r"}\n')
     args = (str(pool), "tiny-llama", None, None, FeaturesConfig(), 256)
-    before = stage.input_hash(*args)
-    monkeypatch.setattr(stage, "FEATURES_VERSION", stage.FEATURES_VERSION + 1)
-    assert stage.input_hash(*args) != before
+    before = key.input_hash(*args)
+    monkeypatch.setattr(key, "FEATURES_VERSION", key.FEATURES_VERSION + 1)
+    assert key.input_hash(*args) != before
 
 
 def test_batch_tokens_and_actor_memory():
