@@ -143,32 +143,65 @@ def downstream_tables(args, rows: dict) -> list[str]:
         for method in SELECTORS + ORACLES:
             cells, shown = [], False
             for g, r in dcols:
-                acc = {s: rows[k]["accuracy"] for s in args.seeds
-                       if (k := f"down|{task}|{g}|{r}|{method}|{s}") in rows}
-                ref = {s: rows[k]["accuracy"] for s in args.seeds
-                       if (k := f"down|{task}|{g}|{r}|random|{s}") in rows}
+                acc = _accuracies(args, rows, task, g, r, method)
+                ref = _accuracies(args, rows, task, g, r, "random")
                 if not acc:
                     cells += ["–", "–"]
                     continue
                 shown = True
                 v = list(acc.values())
-                se = statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else float("nan")
-                cells.append(f"{statistics.mean(v):.3f} ± {se:.3f} (n={len(v)})")
-                both = sorted(set(acc) & set(ref))
-                if method == "random" or len(both) < 2:
-                    cells.append("–")
-                else:
-                    m, lo, hi = paired([acc[s] for s in both], [ref[s] for s in both])
-                    text = f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-                    cells.append(f"**{text}**" if lo > 0 or hi < 0 else text)
+                cells += [_mean_se(v), "–" if method == "random" else _paired_text(acc, ref)]
+                sd = f"{statistics.stdev(v):.3f}" if len(v) > 1 else "–"
                 per_seed.append(f"| {method} | {g} {r} | " + " | ".join(
-                    f"{acc[s]:.3f}" if s in acc else "–" for s in args.seeds) + " |")
+                    f"{acc[s]:.3f}" if s in acc else "–" for s in args.seeds) + f" | {sd} |")
             if shown:
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
         out += lines + ["", f"Test accuracy of each seed ({task}):", "",
                         "| method | pool | " + " | ".join(f"seed {s}" for s in args.seeds)
-                        + " |", "|---" * (len(args.seeds) + 2) + "|"] + per_seed + [""]
+                        + " | s.d. |", "|---" * (len(args.seeds) + 3) + "|"] + per_seed + [""]
+        out += _evoselect_against(args, rows, task, dcols)
     return out
+
+
+def _accuracies(args, rows: dict, task: str, gen: str, ratio: float, method: str) -> dict:
+    """Seed -> test accuracy of one downstream cell's stored seeds."""
+    return {s: rows[k]["accuracy"] for s in args.seeds
+            if (k := f"down|{task}|{gen}|{ratio}|{method}|{s}") in rows}
+
+
+def _mean_se(v: list[float]) -> str:
+    """``mean ± standard error (n=…)``; one seed has no error to show."""
+    if len(v) < 2:
+        return f"{v[0]:.3f} (n=1)"
+    return f"{statistics.mean(v):.3f} ± {statistics.stdev(v) / len(v) ** 0.5:.3f} (n={len(v)})"
+
+
+def _paired_text(acc: dict, ref: dict) -> str:
+    """The paired difference ``acc - ref`` over their common seeds, mean [95% t-interval], bold
+    when the interval excludes 0; "–" below two common seeds."""
+    both = sorted(set(acc) & set(ref))
+    if len(both) < 2:
+        return "–"
+    m, lo, hi = paired([acc[s] for s in both], [ref[s] for s in both])
+    text = f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    return f"**{text}**" if lo > 0 or hi < 0 else text
+
+
+def _evoselect_against(args, rows: dict, task: str, dcols: list) -> list[str]:
+    """EvoSelect's paired difference to every other method of the grid, per pool."""
+    others = [m for m in SELECTORS + ORACLES if m != "evoselect"]
+    lines = []
+    for m in others:
+        cells = [_paired_text(_accuracies(args, rows, task, g, r, "evoselect"),
+                              _accuracies(args, rows, task, g, r, m)) for g, r in dcols]
+        if any(c != "–" for c in cells):
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    return [f"EvoSelect minus each method ({task}), paired by seed: mean [95% t-interval]; "
+            "**bold** = the interval excludes 0.", "",
+            "| method | " + " | ".join(f"{g} {r}" for g, r in dcols) + " |",
+            "|---" * (len(dcols) + 1) + "|"] + lines + [""]
 
 
 def proxy_tables(args, rows: dict) -> list[str]:
