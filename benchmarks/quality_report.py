@@ -59,7 +59,8 @@ def report(args, rows: dict) -> str:
     out = [f"# Quality benchmark ({'quick' if args.quick else 'full'} mode)", "",
            f"Model {args.model}, features dim {args.dim} (base model + fresh LoRA as proxy), "
            f"pools of {args.pool_size} candidates before cleaning. Every number comes from "
-           f"`{os.path.relpath(args.results)}`, written by these runs (cell kinds in brackets):",
+           f"`{os.path.basename(args.results)}` (beside this file), written by these runs (cell "
+           "kinds in brackets):",
            ""] + [f"* `{c}` [{', '.join(sorted(k))}]" for c, k in sorted(cmds.items())] + [""]
     out += ["## Selection quality (no training)", "",
             "Shares of the k = ratio × N picks (see `evoray/tasks/score.py`). `pool` rows are the "

@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     config.set_defaults(func=_cmd_config)
 
     demo = sub.add_parser("demo", help="an evolve run on embedded defaults on a local Ray "
-                          "(SmolLM2-135M, 2 rounds of 600 candidates), then its report")
+                          "(SmolLM2-135M, random vs EvoSelect on one round of 1,000 "
+                          "candidates), then its report")
     demo.add_argument("--quick", action="store_true",
                       help="tiny random model and small pools (about a minute)")
     demo.add_argument("--out", help="run folder (default runs/demo, or runs/quick)")
