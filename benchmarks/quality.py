@@ -185,7 +185,9 @@ class Bench:
         """Every missing cell's selection is made here, in seed order (so that a partial run has
         every method at the first seeds); the trainings run ``--jobs`` at a time in worker
         processes of ``--train-threads`` torch threads each, and each cell is stored as soon as
-        it finishes."""
+        it finishes. Every pool's features are computed (or read from disk) before the first
+        training starts: computed beside the trainings, a pool's features took the CPU of a
+        training worker that then sat idle, and finished cells waited in memory."""
         todo = []
         for task in self.a.downstream_tasks:
             self.cells.get(f"base|{task}", self._base_cell, self.task(task, "weak"))
@@ -198,6 +200,8 @@ class Bench:
                                 todo.append((key, task, gen, ratio, method, seed))
         if not todo:
             return
+        for task, gen in dict.fromkeys((t[1], t[2]) for t in todo if t[4] not in ORACLES):
+            self.features(self.task(task, gen))
         import concurrent.futures as cf
         import multiprocessing
 
