@@ -46,7 +46,7 @@ import sys
 import time
 
 import numpy as np
-from quality_cells import Cells, oracle_rows, task_files, train_cell
+from quality_cells import Cells, hardware, oracle_rows, task_files, train_cell
 from quality_report import (
     GENERATORS,
     ORACLES,
@@ -418,12 +418,7 @@ def main(argv: list[str] | None = None) -> None:
     args.work = args.work or os.path.join("runs", f"quality{suffix}")
     args.results = args.results or os.path.join(results, f"quality{suffix}.json")
     args.out = args.out or os.path.join(results, f"quality{suffix}.md")
-    import platform
-
-    import torch
-
-    args.hardware = (f"{torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else
-                     f"CPU only, {os.cpu_count()} cores ({platform.machine()})")
+    args.hardware = hardware()
     os.makedirs(args.work, exist_ok=True)
     os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
     bench = Bench(args)

@@ -28,7 +28,6 @@ import argparse
 import concurrent.futures as cf
 import multiprocessing
 import os
-import platform
 import statistics
 import sys
 import time
@@ -227,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--recipes: unknown {', '.join(unknown)} (valid: {', '.join(RECIPES)})")
     import torch
 
-    hardware = f"CPU only, {os.cpu_count()} cores ({platform.machine()}), torch {torch.__version__}"
+    hardware = f"{quality_cells.hardware()}, torch {torch.__version__}"
     cells = quality_cells.Cells(a.results, a.force, " ".join(["python benchmarks/recipe.py", *argv])
                           + f"  ({time.strftime('%Y-%m-%d')}, {hardware})")
     todo = [(g, r, int(s)) for r in a.recipes.split(",") for s in a.seeds.split(",")
