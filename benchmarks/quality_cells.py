@@ -13,8 +13,8 @@ import numpy as np
 
 def hardware() -> str:
     """The machine a cell ran on: the GPU's name, or the CPU's core count, architecture and model
-    (the same 2-core machine type ran the demo's bfloat16 training at 11.6 samples/s one day and
-    6.6 the next: the model name tells such hosts apart)."""
+    name (the same 2-core machine type ran the demo's bfloat16 training at 11.6 samples/s one day
+    and 6.6 the next; here the virtual machine names only the vendor, "AMD EPYC")."""
     import platform
 
     import torch
