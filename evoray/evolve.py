@@ -11,6 +11,8 @@ local path or a pyarrow filesystem URI such as ``s3://bucket/run``)::
         pool.jsonl               the generator's candidates
         clean.jsonl              after dropping invalid records, exact duplicates and candidates
                                  whose prompt is a val/dev/test prompt (counts in the manifest)
+        proxy.json               the proxy's accuracy and loss AUC on the targets, and whether
+                                 both are at chance (docs/algorithms.md §6; also in metrics.json)
         features/pool/           gradient features of clean.jsonl (proxy: see below); none
                                  when select.method reads no features (random)
         features/targets/        gradient features of the targets, same proxy
@@ -146,6 +148,8 @@ class _Loop:
         clean_digest, clean_stats = self.stage(
             f"round_{r:02d}/clean", [gen_digest, files["eval_hash"]], [clean],
             lambda: clean_pool(pool, clean, prompts))
+        # -- the proxy's competence on the targets (docs/algorithms.md §6)
+        proxy_path = self.proxy_check(r, files, prev)
         # -- features (none for a method that reads none: random), then select
         sel_dir = f"{rd}/selection"
         if cfg.select.method in FEATURE_FREE:
@@ -219,7 +223,8 @@ class _Loop:
                        if k.startswith(f"round_{r:02d}/")}
             m.update(n_generated=clean_stats["generated"], n_clean=len(cleaned),
                      n_selected=len(picked), clean_stats=clean_stats, mix=mix(picked),
-                     pool_mix=mix(cleaned), train=train_stats, seconds=seconds)
+                     pool_mix=mix(cleaned), train=train_stats, seconds=seconds,
+                     proxy=json.loads(read_bytes(proxy_path)))
             atomic_write_bytes(metrics_path, (json.dumps(m, indent=2) + "\n").encode())
             return {k: round(m[k], 4) for k in ("accuracy", "loss") if k in m}
 
@@ -229,6 +234,33 @@ class _Loop:
         return {"adapter": adapter, "train_digest": train_digest, "generate_digest": gen_digest,
                 "replay_digests": replay,
                 "metrics": json.loads(read_bytes(metrics_path))}
+
+    def proxy_check(self, r: int, files: dict, prev: dict | None) -> str:
+        """Round r's proxy (the model that computes its features) on the targets: accuracy as
+        multiple-choice questions and loss AUC, written to ``round_NN/proxy.json`` and the
+        manifest; one warning line when both are at chance."""
+        from evoray.data import read_records
+        from evoray.lora import load_with_adapter
+        from evoray.train.competence import AT_CHANCE_MESSAGE, competence
+
+        cfg, path = self.cfg, f"{round_dir(self.run, r)}/proxy.json"
+        proxy = None if (cfg.evolve.fixed_proxy or prev is None) else prev["adapter"]
+
+        def check():
+            model, tok = load_with_adapter(cfg.model, proxy, cache_dir=cfg.cache_dir)
+            m = competence(model, tok, read_records(files["targets"], "target"),
+                           max_length=cfg.train.max_length, device=self.eval_kw["device"])
+            m["proxy"] = "base model" if proxy is None else f"round {r - 1} model"
+            atomic_write_bytes(path, (json.dumps(m, indent=2) + "\n").encode())
+            if m["at_chance"]:
+                log.warning("round %d: %s", r, AT_CHANCE_MESSAGE.format(**m))
+            return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()
+                    if k in ("accuracy", "auc", "n", "at_chance")}
+
+        inputs = [cfg.model, files["targets_hash"], cfg.train.max_length,
+                  None if proxy is None else prev["train_digest"]]
+        self.stage(f"round_{r:02d}/proxy", inputs, [path], check)
+        return path
 
     def features(self, r: int, clean: str, clean_digest: str, files: dict,
                  prev: dict | None) -> tuple[str, str, str]:
@@ -278,9 +310,10 @@ class _Loop:
 
 
 def format_table(rows: list[dict]) -> str:
-    """The per-round table: accuracy, loss, counts and the selection's make-up."""
-    head = (f"{'round':>5} {'accuracy':>8} {'loss':>6} {'pool':>5} {'clean':>5} {'picked':>6}"
-            f" {'clean%':>6} {'wrong%':>6} {'off%':>5} {'dup%':>5}")
+    """The per-round table: accuracy, loss, the proxy's accuracy and loss AUC on the targets
+    (``p.acc``, ``p.AUC``), counts and the selection's make-up."""
+    head = (f"{'round':>5} {'accuracy':>8} {'loss':>6} {'p.acc':>5} {'p.AUC':>5} {'pool':>5} "
+            f"{'clean':>5} {'picked':>6} {'clean%':>6} {'wrong%':>6} {'off%':>5} {'dup%':>5}")
     lines = [head]
     for m in rows:
         acc = f"{m['accuracy']:.3f}" if m.get("accuracy") is not None else "-"
@@ -289,7 +322,10 @@ def format_table(rows: list[dict]) -> str:
         shares = " ".join(f"{100 * mix[k]:>{w}.0f}" if k in mix else f"{'-':>{w}}"
                           for k, w in (("clean", 6), ("wrong_label", 6), ("off_task", 5),
                                        ("near_duplicate", 5)))
-        lines.append(f"{m['round']:>5} {acc:>8} {loss:>6} {m.get('n_generated', '-'):>5} "
+        proxy = [f"{v:.2f}" if v is not None else "-" for v in
+                 ((m.get("proxy") or {}).get(k) for k in ("accuracy", "auc"))]
+        lines.append(f"{m['round']:>5} {acc:>8} {loss:>6} {proxy[0]:>5} {proxy[1]:>5} "
+                     f"{m.get('n_generated', '-'):>5} "
                      f"{m.get('n_clean', '-'):>5} {m.get('n_selected', '-'):>6} {shares}")
     return "\n".join(lines)
 

@@ -61,13 +61,15 @@ def _num(m: dict | None, key: str, fmt: str) -> str:
 def round_table(run: RunInfo) -> list[str]:
     """The per-round Markdown table: one row per round, the base model as round 0."""
     kinds = _mix_kinds(run)
-    head = ["round", "accuracy", "loss", "n_generated", "n_clean", "n_selected",
-            *(f"{k} %" for k in kinds), "time (s)", "status"]
+    head = ["round", "accuracy", "loss", "proxy acc.", "proxy AUC", "n_generated", "n_clean",
+            "n_selected", *(f"{k} %" for k in kinds), "time (s)", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * (len(head) - 1) + "---|"]
     for r in run.rounds:
         m = r.metrics
         cells = ["0 (base)" if r.round == 0 else str(r.round), _num(m, "accuracy", ".4f"),
-                 _num(m, "loss", ".4f")]
+                 _num(m, "loss", ".4f"), _num(r.proxy, "accuracy", ".3f"),
+                 _num(r.proxy, "auc", ".3f") + (" (chance)" if (r.proxy or {}).get("at_chance")
+                                                else "")]
         cells += ["–" if r.round == 0 else str(r.counts.get(k, "–"))
                   for k in ("n_generated", "n_clean", "n_selected")]
         for k in kinds:

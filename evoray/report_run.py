@@ -16,7 +16,7 @@ from evoray.storage import read_bytes, resolve
 __all__ = ["RoundInfo", "RunInfo", "STAGES", "load_run", "join", "file_type", "read_json"]
 
 # A round's stages in order, with the file that marks each one done.
-STAGES = (("generate", "pool.jsonl"), ("clean", "clean.jsonl"),
+STAGES = (("generate", "pool.jsonl"), ("clean", "clean.jsonl"), ("proxy", "proxy.json"),
           ("features", "features/pool"), ("select", "selection/selected.parquet"),
           ("train", "adapter"), ("evaluate", "metrics.json"))
 _ROUND_DIR = re.compile(r"round_(\d+)$")
@@ -33,6 +33,7 @@ class RoundInfo:
     counts: dict = field(default_factory=dict)  # n_generated, n_clean, n_selected
     mix: dict | None = None  # selection shares by meta.kind
     pool_mix: dict | None = None  # cleaned-pool shares by meta.kind
+    proxy: dict | None = None  # the proxy's competence on the targets (proxy.json)
 
 
 @dataclass
@@ -98,6 +99,7 @@ def _load_round(run_dir: str, r: int, name: str, method: str) -> RoundInfo:
             info.status = f"missing {stage} ({name})"
             break
     info.metrics = read_json(join(path, "metrics.json"))
+    info.proxy = (info.metrics or {}).get("proxy") or read_json(join(path, "proxy.json"))
     if info.metrics is not None:
         info.status = "done"
         m = info.metrics

@@ -18,7 +18,7 @@ from evoray.stages import Manifest
 
 pytestmark = pytest.mark.timeout(600)
 
-STAGES = ("generate", "clean", "features", "select", "train", "evaluate")
+STAGES = ("generate", "clean", "proxy", "features", "select", "train", "evaluate")
 
 
 def _selected_ids(run_dir: str, r: int) -> list[str]:
@@ -41,6 +41,13 @@ def test_one_round_evolve_end_to_end(one_round, tmp_path):
         m = json.load(f)
     assert m["n_test"] == 100 == one_round["base"]["n_test"] and 0 <= m["accuracy"] <= 1
     assert one_round["rounds"] == [m] and m["n_selected"] == len(picked)
+    # the proxy's competence on the targets: in proxy.json, metrics.json and the manifest
+    n_targets = len(read_records(f"{run}/task/targets.jsonl", "target"))
+    assert m["proxy"]["n"] == n_targets > 0 and m["proxy"]["proxy"] == "base model"
+    assert 0 <= m["proxy"]["accuracy"] <= 1 and 0 <= m["proxy"]["auc"] <= 1
+    with open(f"{rd}/proxy.json") as f:
+        assert json.load(f) == m["proxy"]
+    assert stages["round_01/proxy"]["stats"]["n"] == n_targets
     with open(f"{rd}/adapter/adapter_config.json") as f:
         assert json.load(f)["r"] > 0
     # a larger test_size is another evaluation: base and round 1 are scored again, nothing else
@@ -229,7 +236,10 @@ def test_fixed_proxy_reuses_round1_proxy(quick_run, tmp_path):
     evolve(cfg, resume=True, say=lines.append)
     ran = [line.split()[1].rstrip(":") for line in lines
            if line.startswith("[evolve] round_") and "done earlier" not in line]
-    assert ran[0] == "round_02/features" and "round_01/features" not in ran
+    assert ran[:2] == ["round_02/proxy", "round_02/features"] and "round_01/features" not in ran
+    with open(f"{run}/round_01/proxy.json") as f1, open(f"{run}/round_02/proxy.json") as f2:
+        p1, p2 = json.load(f1), json.load(f2)
+    assert p2["proxy"] == "base model" and {**p2, "proxy": None} == {**p1, "proxy": None}
     assert Manifest(run).stages["round_02/features"]["stats"]["proxy"] == "base + fresh LoRA"
     t1 = read_features(f"{run}/round_01/features/targets")
     t2 = read_features(f"{run}/round_02/features/targets")

@@ -259,9 +259,11 @@ def test_evolve_driver_killed_three_times_resumes_to_the_reference_run(
         want = quick_run["rounds"][r - 1]
         assert abs(got["accuracy"] - want["accuracy"]) <= 1e-6
         assert abs(got["loss"] - want["loss"]) <= 1e-6
+        assert got["proxy"] == want["proxy"]  # the proxy check is deterministic too
     assert not _temporaries(run)
     assert all(f"round_{r:02d}/{s}" in Manifest(str(run)).stages for r in (1, 2)
-               for s in ("generate", "clean", "features", "select", "train", "evaluate"))
+               for s in ("generate", "clean", "proxy", "features", "select", "train",
+                         "evaluate"))
 
 
 # -- 4. the sweep driver killed -------------------------------------------------------------

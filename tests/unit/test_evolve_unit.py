@@ -93,10 +93,13 @@ def test_format_table_shows_make_up():
     rows = [{"round": 0, "accuracy": 0.25, "loss": 2.0},
             {"round": 1, "accuracy": 0.5, "loss": 1.0, "n_generated": 10, "n_clean": 9,
              "n_selected": 2, "mix": {"clean": 0.5, "wrong_label": 0.5, "off_task": 0.0,
-                                      "near_duplicate": 0.0}}]
+                                      "near_duplicate": 0.0},
+             "proxy": {"accuracy": 0.275, "auc": 0.5125, "n": 40}}]
     lines = format_table(rows).splitlines()
-    assert lines[1].split()[:3] == ["0", "0.250", "2.000"]
-    assert lines[2].split() == ["1", "0.500", "1.000", "10", "9", "2", "50", "50", "0", "0"]
+    assert lines[0].split()[3:5] == ["p.acc", "p.AUC"]
+    assert lines[1].split()[:5] == ["0", "0.250", "2.000", "-", "-"]
+    assert lines[2].split() == ["1", "0.500", "1.000", "0.28", "0.51", "10", "9", "2", "50",
+                                "50", "0", "0"]
 
 
 def test_manifest_of_another_version_is_refused(tmp_path):

@@ -21,6 +21,8 @@ KINDS = ("clean", "wrong_label", "off_task", "near_duplicate")
 ACCURACY = {0: 0.25, 1: 0.3125, 2: 0.4375}
 LOSS = {0: 2.5, 1: 2.125, 2: 1.875}
 N_POOL, N_CLEAN, N_SEL, DIM = 40, 36, 9, 16
+PROXY = {r: {"accuracy": acc, "auc": auc, "n": 12, "at_chance": acc < 0.5}
+         for r, acc, auc in ((1, 0.25, 0.5), (2, 0.75, 0.875), (3, 0.5, 0.625))}
 
 
 def _json(path: Path, obj: dict) -> None:
@@ -39,6 +41,7 @@ def _round(run: Path, r: int, *, upto: str = "evaluate", kinds: bool = True,
     write_records(pool, str(d / "pool.jsonl"), "candidate")
     clean = pool[:N_CLEAN]
     write_records(clean, str(d / "clean.jsonl"), "candidate")
+    _json(d / "proxy.json", PROXY[r])
     ids = np.array([c["id"] for c in clean])
     G = rng.standard_normal((N_CLEAN, DIM)).astype(np.float32)
     write_features(str(d / "features" / "pool"), ids, G)
@@ -70,7 +73,7 @@ def _round(run: Path, r: int, *, upto: str = "evaluate", kinds: bool = True,
         "n_generated": N_POOL, "n_clean": N_CLEAN, "n_selected": N_SEL,
         "clean_stats": {"duplicates": 4, "contaminated": 0, "invalid": 0},
         "mix": mix if kinds else None, "pool_mix": dict.fromkeys(KINDS, 0.25) if kinds else None,
-        "seconds": {"generate": 1.5, "select": 0.5, "train": 10.0}})
+        "seconds": {"generate": 1.5, "select": 0.5, "train": 10.0}, "proxy": PROXY[r]})
 
 
 def _run(tmp_path: Path, *, rounds: int = 2, finished: int = 2, kinds: bool = True,
@@ -113,14 +116,17 @@ def test_report_of_a_finished_run(tmp_path):
     assert "| model | tiny-llama |" in text and "| method | evoselect |" in text
     assert "| budget | ratio 0.25 |" in text and "| rounds | 2 |" in text
     head = _row(text, "round")
-    assert head[:6] == ["round", "accuracy", "loss", "n_generated", "n_clean", "n_selected"]
-    assert head[6:10] == [f"{k} %" for k in KINDS] and head[-1] == "status"
-    assert _row(text, "0 (base)")[:3] == ["0 (base)", "0.2500", "2.5000"]
+    assert head[:8] == ["round", "accuracy", "loss", "proxy acc.", "proxy AUC", "n_generated",
+                        "n_clean", "n_selected"]
+    assert head[8:12] == [f"{k} %" for k in KINDS] and head[-1] == "status"
+    assert _row(text, "0 (base)")[:5] == ["0 (base)", "0.2500", "2.5000", "–", "–"]
+    proxy = {1: ["0.250", "0.500 (chance)"], 2: ["0.750", "0.875"]}
     for r in (1, 2):
         row = _row(text, str(r))
-        assert row[:6] == [str(r), f"{ACCURACY[r]:.4f}", f"{LOSS[r]:.4f}", "40", "36", "9"]
-        assert row[6:10] == ["75.0% (25.0%)", "25.0% (25.0%)", "0.0% (25.0%)", "0.0% (25.0%)"]
-        assert row[10:] == ["12.0", "done"]
+        assert row[:8] == [str(r), f"{ACCURACY[r]:.4f}", f"{LOSS[r]:.4f}", *proxy[r], "40",
+                           "36", "9"]
+        assert row[8:12] == ["75.0% (25.0%)", "25.0% (25.0%)", "0.0% (25.0%)", "0.0% (25.0%)"]
+        assert row[12:] == ["12.0", "done"]
     links = _images(run, text)
     assert links == ["plots/accuracy.png", "plots/scores.png", "plots/mix.png", "plots/pca.png"]
     assert "`alignment` (evoselect" in text  # the caption names the score column
@@ -131,11 +137,12 @@ def test_unfinished_round_still_reports(tmp_path):
     text = Path(write_report(str(run))).read_text()
     assert _row(text, "1")[-1] == "done"
     row2 = _row(text, "2")
-    assert row2[1:6] == ["–", "–", "40", "36", "9"]  # counted from the files written so far
+    # counted from the files written so far; the proxy's figures from round_02/proxy.json
+    assert row2[1:8] == ["–", "–", "0.750", "0.875", "40", "36", "9"]
     chosen = [json.loads(ln)["meta"]["kind"]
               for ln in (run / "round_02/selection/selected.jsonl").read_text().splitlines()]
     share = chosen.count("clean") / len(chosen)  # meta.kind shares of selected.jsonl, clean.jsonl
-    assert row2[6] == f"{share:.1%} (25.0%)"
+    assert row2[8] == f"{share:.1%} (25.0%)"
     assert row2[-1] == "missing train (adapter)"
     assert _row(text, "3")[-1] == "not started"
     links = _images(run, text)
