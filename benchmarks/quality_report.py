@@ -13,9 +13,12 @@ ORACLES = ("oracle_on_task", "oracle_clean")
 GENERATORS = ("weak", "strong")
 TASKS = ("lookup", "arithmetic")
 # EvoSelect with one setting changed, in the trained-proxy layer only: which part of it costs
-# picks once the proxy can rank labels (the diversity term; the residual novelty).
+# picks once the proxy can rank labels (the diversity term; the residual novelty; the centring,
+# which a trained proxy's few large gradients dominate under "mean").
 PROXY_ABLATIONS = {"evoselect lam=0": {"select.lam": 0.0},
-                   "evoselect novelty_pcs=0": {"select.evoselect.novelty_pcs": 0}}
+                   "evoselect novelty_pcs=0": {"select.evoselect.novelty_pcs": 0},
+                   "evoselect center=unit_mean": {"select.evoselect.center": "unit_mean"},
+                   "evoselect center=none": {"select.evoselect.center": "none"}}
 QUALITY_METRICS = (("off_task", "off-task share"), ("duplicate", "redundant duplicate share"),
                    ("near_duplicate_kind", "near-duplicate (kind) share"),
                    ("wrong_label", "wrong-label share"), ("unique_correct", "unique-correct share"),

@@ -20,7 +20,10 @@ class EvoSelectSettings(_Stage):
 
     section: ClassVar[str] = "select.evoselect"
     floor: float = _f(1e-3, "lowest target mass after a block, as a fraction of 1/M")
-    center: bool = _f(True, "subtract the pool's mean feature before normalising")
+    center: bool | Literal["mean", "unit_mean", "none"] = _f(
+        True, "centring before normalising: true/mean = subtract the pool's mean feature; "
+        "unit_mean = normalise, then subtract the mean of the normalised rows; false/none = "
+        "none")
     alignment: Literal["mass", "lava"] = _f("mass", "alignment score: received OT mass, or "
                                             "LAVA's calibrated dual gradient")
     sparse_above: int = _f(100_000, "above this many candidates, OT on kNN-sparse costs")

@@ -144,7 +144,7 @@ def _block_sizes(k: int, blocks: int) -> list[int]:
 
 def evoselect(G: np.ndarray, V: np.ndarray, k: int, *, seed: int = 0, lam: float = 0.25,
               blocks: int = 10, eps: float = 0.01, tau: float = 0.01, floor: float = 1e-3,
-              center: bool = True, alignment: str = "mass", sparse_above: int = 100_000,
+              center: bool | str = True, alignment: str = "mass", sparse_above: int = 100_000,
               ot_knn: int = 1000, novelty: str = "auto", novelty_dense_max: int = 20_000,
               novelty_knn: int = 64, nlist: int | None = None, nprobe: int = 8,
               novelty_codec: str = "SQfp16", novelty_pcs: int = 50, bins: int = 65536,
@@ -163,7 +163,11 @@ def evoselect(G: np.ndarray, V: np.ndarray, k: int, *, seed: int = 0, lam: float
         eps: entropic regularisation of the OT, in cost units (costs lie in [0, 1]).
         tau: KL penalty on the relaxed candidate marginal.
         floor: lowest target mass after a block, as a fraction of the initial mass 1/M.
-        center: subtract the pool's mean feature from G and V before normalising.
+        center: the centring before normalising (:class:`~evoray.select.geometry.UnitRows`):
+            ``"mean"`` (or True) subtracts the pool's mean feature from G and V;
+            ``"unit_mean"`` normalises every row first and subtracts the mean of the normalised
+            rows, so that a few large gradients (a trained proxy's wrong labels) do not make
+            the centre; ``"none"`` (or False) does not centre (docs/algorithms.md §3.1).
         alignment: ``"mass"`` (received OT mass, higher = better) or ``"lava"`` (LAVA's
             calibrated dual gradient of the candidate potential, lower = better; ranked negated).
         sparse_above: above this many candidates, OT runs on kNN-sparsified costs.
@@ -284,7 +288,7 @@ def evoselect(G: np.ndarray, V: np.ndarray, k: int, *, seed: int = 0, lam: float
         "ot_cost": ot_log[0]["cost"], "iterations": sum(r["iterations"] for r in ot_log),
         "converged": all(r["converged"] for r in ot_log),
         "target_marginal_err": max(r["marginal_err"] for r in ot_log), "ot": ot_log,
-        "sparse": sparse, "novelty": "dense" if use_dense else "knn", "centered": center,
+        "sparse": sparse, "novelty": "dense" if use_dense else "knn", "centered": U.center,
         "alignment": alignment, "novelty_pcs": pcs, "timing": timing,
     }
     return Selection(indices=indices, scores={"alignment": first_align,

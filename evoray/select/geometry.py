@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import faiss
 import numpy as np
 
-__all__ = ["BLOCK_ROWS", "ResidualRows", "UnitRows", "blocks", "ivf_index", "knn",
-           "principal_directions", "unit"]
+__all__ = ["BLOCK_ROWS", "CENTERINGS", "ResidualRows", "UnitRows", "blocks", "centering",
+           "inverse_norms", "ivf_index", "knn", "mean_rows", "principal_directions", "unit"]
 
 BLOCK_ROWS = 8192  # rows per block: 32 MiB of float32 at d = 1024
 
@@ -44,12 +44,21 @@ class UnitRows:
 
     Args:
         G: (N, d) float32 or float16 candidate features, kept by reference.
-        center: subtract the pool mean (computed here, in float64) before normalising.
+        center: ``"mean"`` (or True): ``mu`` is the pool's mean feature (float64 sum);
+            ``"unit_mean"``: every row is normalised first and ``mu`` is the mean of the
+            normalised rows, so that each candidate counts once in it whatever its gradient
+            norm; ``"none"`` (or False): no centring.
     """
 
-    def __init__(self, G: np.ndarray, *, center: bool = False):
+    def __init__(self, G: np.ndarray, *, center: bool | str = False):
         self.G = G
-        self.mu = mean_rows(G) if center else None
+        self.center = centering(center)
+        self.inv_pre = None  # unit_mean: 1 / ‖g_i‖, applied before centring
+        if self.center == "unit_mean":
+            self.inv_pre = inverse_norms(G)
+        self.mu = None
+        if self.center != "none":
+            self.mu = mean_rows(G, self.inv_pre)
         self.inv_norm = np.empty(len(G), np.float32)
         for s, e in blocks(len(G)):
             x = self._raw(s, e)
@@ -64,7 +73,11 @@ class UnitRows:
         return self.G.shape[1]
 
     def _raw(self, s: int, e: int) -> np.ndarray:
-        x = self.G[s:e].astype(np.float32)
+        return self._centred(self.G[s:e].astype(np.float32), slice(s, e))
+
+    def _centred(self, x: np.ndarray, rows) -> np.ndarray:
+        if self.inv_pre is not None:
+            x *= self.inv_pre[rows, None]
         if self.mu is not None:
             x -= self.mu
         return x
@@ -78,9 +91,7 @@ class UnitRows:
     def take(self, idx: np.ndarray) -> np.ndarray:
         """Normalised rows ``idx`` (any order) as a new (len(idx), d) float32 array."""
         idx = np.asarray(idx, dtype=np.int64)
-        x = self.G[idx].astype(np.float32)
-        if self.mu is not None:
-            x -= self.mu
+        x = self._centred(self.G[idx].astype(np.float32), idx)
         x *= self.inv_norm[idx, None]
         return x
 
@@ -90,7 +101,7 @@ class UnitRows:
 
     def targets(self, V: np.ndarray) -> np.ndarray:
         """Targets (M, d) normalised in the same geometry (same centring), float32."""
-        return unit(V, self.mu)
+        return unit(unit(V) if self.inv_pre is not None else V, self.mu)
 
     def iter(self, size: int = BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
         """``(start, normalised block)`` pairs over all rows."""
@@ -157,11 +168,39 @@ class ResidualRows:
             yield s, self.rows(s, e)
 
 
-def mean_rows(G: np.ndarray) -> np.ndarray:
-    """Mean row of ``G`` (N, d), accumulated in float64 by blocks; returned as float32."""
+CENTERINGS = ("mean", "unit_mean", "none")
+
+
+def centering(center: bool | str) -> str:
+    """The centring mode of ``center``: True = ``"mean"``, False = ``"none"``, or one of
+    :data:`CENTERINGS`."""
+    if center is True or center is False:
+        return "mean" if center else "none"
+    if center not in CENTERINGS:
+        raise ValueError(f"center must be one of {', '.join(CENTERINGS)} (or a bool), "
+                         f"got {center!r}")
+    return center
+
+
+def inverse_norms(G: np.ndarray) -> np.ndarray:
+    """``1 / ‖g_i‖`` of every row of ``G``, float32, by blocks (a zero row gives a huge value
+    and stays zero when scaled)."""
+    out = np.empty(len(G), np.float32)
+    for s, e in blocks(len(G)):
+        norms = np.linalg.norm(G[s:e].astype(np.float32), axis=1)
+        out[s:e] = 1.0 / np.maximum(norms, np.finfo(np.float32).tiny)
+    return out
+
+
+def mean_rows(G: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+    """Mean row of ``G`` (N, d), each row multiplied by ``scale[i]`` first when given,
+    accumulated in float64 by blocks; returned as float32."""
     total = np.zeros(G.shape[1], np.float64)
     for s, e in blocks(len(G)):
-        total += G[s:e].sum(axis=0, dtype=np.float64)
+        if scale is None:
+            total += G[s:e].sum(axis=0, dtype=np.float64)
+        else:
+            total += (G[s:e].astype(np.float64) * scale[s:e, None]).sum(axis=0)
     return (total / len(G)).astype(np.float32)
 
 

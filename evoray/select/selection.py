@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from evoray.select.geometry import blocks, mean_rows, unit
+from evoray.select.geometry import UnitRows, blocks
 
 __all__ = ["Selection", "nearest_targets"]
 
@@ -45,23 +45,25 @@ class Selection:
 
 
 def nearest_targets(G: np.ndarray, V: np.ndarray, picks: np.ndarray, *, n: int = 3,
-                    center: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                    center: bool | str = False) -> tuple[np.ndarray, np.ndarray]:
     """For each pick, its ``n`` most cosine-similar targets, most similar first.
 
     Args:
         G: (N, d) candidates; V: (M, d) targets; picks: (k,) rows of ``G``.
-        center: measure cosines after subtracting the pool mean (as EvoSelect does).
+        center: measure cosines in EvoSelect's centred geometry (see
+            :class:`~evoray.select.geometry.UnitRows`: ``"mean"``/True, ``"unit_mean"``,
+            ``"none"``/False).
 
     Returns:
         ``(rows, cos)``, both (k, min(n, M)): target rows and their cosines.
     """
-    mu = mean_rows(G) if center else None
-    Vh = unit(V, mu)
+    U = UnitRows(G, center=center)
+    Vh = U.targets(V)
     n = min(n, len(V))
     rows = np.empty((len(picks), n), np.int64)
     cos = np.empty((len(picks), n), np.float32)
     for s, e in blocks(len(picks)):
-        S = unit(G[picks[s:e]], mu) @ Vh.T
+        S = U.take(picks[s:e]) @ Vh.T
         top = np.argpartition(-S, n - 1, axis=1)[:, :n] if n < len(V) else \
             np.tile(np.arange(n), (e - s, 1))
         sims = np.take_along_axis(S, top, 1)
