@@ -97,8 +97,11 @@ def test_evolve_and_report_on_s3(ray_session, s3):
     with fs.open_input_stream("evoray/evolve/round_01/metrics.json") as f:
         assert json.loads(f.read())["n_selected"] == out["rounds"][0]["n_selected"] > 0
     assert fs.get_file_info("evoray/evolve/round_01/adapter/adapter_model.safetensors").size > 0
+    with fs.open_input_stream("evoray/evolve/round_01/proxy.json") as f:
+        assert json.loads(f.read()) == out["rounds"][0]["proxy"]
     lines = []
     again = evolve(cfg, resume=True, say=lines.append)
-    assert sum("done earlier" in line for line in lines) == 8 and again["rounds"] == out["rounds"]
+    # task, base/evaluate and round 1's generate, clean, proxy, features, select, train, evaluate
+    assert sum("done earlier" in line for line in lines) == 9 and again["rounds"] == out["rounds"]
     assert write_report(uri("evolve")) == uri("evolve/report.md")
     assert fs.get_file_info("evoray/evolve/report.md").size > 0
