@@ -235,20 +235,24 @@ class _Loop:
                 "replay_digests": replay,
                 "metrics": json.loads(read_bytes(metrics_path))}
 
+    def proxy_adapter(self, prev: dict | None) -> str | None:
+        """Round r's proxy: the previous round's adapter, or None (the base model; a fresh LoRA
+        changes nothing until trained) in round 1 and with ``evolve.fixed_proxy``."""
+        return None if (self.cfg.evolve.fixed_proxy or prev is None) else prev["adapter"]
+
     def proxy_check(self, r: int, files: dict, prev: dict | None) -> str:
         """Round r's proxy (the model that computes its features) on the targets: accuracy as
         multiple-choice questions and loss AUC, written to ``round_NN/proxy.json`` and the
         manifest; one warning line when both are at chance."""
-        from evoray.data import read_records
         from evoray.lora import load_with_adapter
         from evoray.train.competence import AT_CHANCE_MESSAGE, competence
 
         cfg, path = self.cfg, f"{round_dir(self.run, r)}/proxy.json"
-        proxy = None if (cfg.evolve.fixed_proxy or prev is None) else prev["adapter"]
+        proxy = self.proxy_adapter(prev)
 
         def check():
             model, tok = load_with_adapter(cfg.model, proxy, cache_dir=cfg.cache_dir)
-            m = competence(model, tok, read_records(files["targets"], "target"),
+            m = competence(model, tok, files["target_records"],
                            max_length=cfg.train.max_length, device=self.eval_kw["device"])
             m["proxy"] = "base model" if proxy is None else f"round {r - 1} model"
             atomic_write_bytes(path, (json.dumps(m, indent=2) + "\n").encode())
@@ -269,7 +273,7 @@ class _Loop:
         cfg, rd = self.cfg, round_dir(self.run, r)
         prev_adapter = prev["adapter"] if prev else None
         prev_train = prev["train_digest"] if prev else None
-        proxy = None if (cfg.evolve.fixed_proxy or prev is None) else prev_adapter
+        proxy = self.proxy_adapter(prev)
         adam = (f"{prev_adapter}/adam_state.safetensors"
                 if cfg.features.adam and prev_adapter else None)
         fpool, ftargets = f"{rd}/features/pool", f"{rd}/features/targets"

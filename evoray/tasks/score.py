@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import collections
 
+import numpy as np
+
 __all__ = ["selection_quality", "pool_rates", "letter_tv", "separation_auc"]
 
 
@@ -99,9 +101,14 @@ def pool_rates(pool: list[dict], task: str) -> dict:
 def separation_auc(pos, neg) -> float:
     """How well a score ranks ``pos`` (e.g. right-label candidates) above ``neg`` (wrong-label
     ones): the probability that a random positive scores higher than a random negative, ties
-    counted half (the Mann-Whitney U over ``len(pos) * len(neg)``; 0.5 = blind, 1 = perfect)."""
-    from scipy.stats import mannwhitneyu
-
+    counted half (the Mann-Whitney U over ``len(pos) * len(neg)``; 0.5 = blind, 1 = perfect).
+    Computed from average ranks with numpy, O((n + m) log(n + m)): the evolve loop calls it, and
+    scipy is not a runtime dependency."""
+    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
     if not len(pos) or not len(neg):
         raise ValueError("separation_auc needs at least one positive and one negative score")
-    return float(mannwhitneyu(pos, neg).statistic / (len(pos) * len(neg)))
+    _, inverse, counts = np.unique(np.concatenate([pos, neg]), return_inverse=True,
+                                   return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based, ties averaged
+    u = ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
+    return float(u / (len(pos) * len(neg)))

@@ -52,11 +52,14 @@ def targets_as_mcq(targets: list[dict]) -> list[dict]:
 
 
 def loss_auc(right: list[float], wrong: list[float]) -> float:
-    """P(a right answer's loss < a wrong letter's loss), ties half: the Mann-Whitney AUC."""
+    """P(a right answer's loss < a wrong letter's loss), ties half: the Mann-Whitney AUC
+    (:func:`evoray.tasks.score.separation_auc` of the negated losses); nan when a side is
+    empty."""
+    from evoray.tasks.score import separation_auc
+
     if not right or not wrong:
         return float("nan")
-    below = sum((r < w) + 0.5 * (r == w) for r in right for w in wrong)
-    return below / (len(right) * len(wrong))
+    return separation_auc([-x for x in right], [-x for x in wrong])
 
 
 def at_chance(m: dict) -> bool:

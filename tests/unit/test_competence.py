@@ -100,7 +100,8 @@ def test_evolve_round_records_the_diagnostic_and_warns_at_chance(tmp_path, monke
     monkeypatch.setattr(comp, "competence", fake)
     targets = str(tmp_path / "targets.jsonl")
     write_records(_lookup_targets(40), targets, "target")
-    files = {"targets": targets, "targets_hash": file_digest(targets)}
+    files = {"targets": targets, "targets_hash": file_digest(targets),
+             "target_records": _lookup_targets(40)}
     cfg = demo_config(quick=True, **{"evolve.run_dir": str(tmp_path / "run")})
     loop = _Loop(cfg, False, lambda *_: None, False)
     with caplog.at_level(logging.WARNING, logger="evoray"):
