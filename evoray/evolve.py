@@ -198,10 +198,12 @@ class _Loop:
                 tcfg = dataclasses.replace(tcfg, storage_path=f"{self.run}/ray_train")
             res = train(data, cfg.model, init_adapter=prev_adapter, cfg=tcfg, out=adapter,
                         name=f"round_{r:02d}-{train_digest[:10]}", cache_dir=cfg.cache_dir,
-                        progress=self.progress)
+                        progress=self.progress, targets=files["target_records"])
+            stop = {k: res.early_stop[k] for k in ("best_epoch", "stopped_epoch")} \
+                if res.early_stop else {}
             return {"examples": res.n_examples, "steps": res.metrics.get("step"),
                     "loss": round(float(res.metrics.get("loss", float("nan"))), 4),
-                    "skipped": len(res.skipped)}
+                    "skipped": len(res.skipped), **stop}
 
         train_digest = digest(f"round_{r:02d}/train", train_inputs)
         train_digest, train_stats = self.stage(f"round_{r:02d}/train", train_inputs,

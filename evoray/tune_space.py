@@ -21,7 +21,9 @@ _RANGES = ("uniform", "loguniform", "randint")
 _FIXED = {"train.num_workers": "decides every trial's resources",
           "train.use_gpu": "decides every trial's resources",
           "train.cpus_per_worker": "decides every trial's resources",
-          "train.max_steps": "sweeps count epochs (ASHA's time unit); vary train.epochs"}
+          "train.max_steps": "sweeps count epochs (ASHA's time unit); vary train.epochs",
+          "train.early_stop_patience": "a sweep scores every epoch on dev and its scheduler "
+                                       "stops trials; set it to 0"}
 
 
 # -- the search space -----------------------------------------------------------------------
@@ -102,8 +104,9 @@ def check_config(cfg: Config) -> dict[str, tuple[str, list]]:
     if sw.scheduler == "asha" and sw.grace_period > max_epochs(cfg, space):
         raise ConfigError(f"sweep.grace_period: {sw.grace_period} is more than the most epochs a "
                           f"trial trains ({max_epochs(cfg, space)})")
-    if t.max_steps is not None:
-        raise ConfigError(f"train.max_steps: {_FIXED['train.max_steps']}")
+    for name in ("max_steps", "early_stop_patience"):
+        if getattr(t, name):
+            raise ConfigError(f"train.{name}: {_FIXED['train.' + name]}")
     if t.num_workers == 0 and t.use_gpu:
         raise ConfigError("train.use_gpu: in-process trials (train.num_workers 0) train on CPU; "
                           "set train.num_workers >= 1 for GPU trials")

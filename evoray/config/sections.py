@@ -151,11 +151,18 @@ class TrainConfig(_Stage):
         "error", "an example whose response does not fit max_length: fail naming it, or skip it "
         "(counted in the result)")
     max_grad_norm: float = _f(1.0, "gradient clipping; 0 = off")
+    early_stop_patience: int = _f(
+        0, "local mode: score each epoch's adapter on the multiple-choice targets (for stopping "
+        "only, never trained on), stop after this many epochs without a better score and keep "
+        "the best epoch's adapter; 0 = off (train every epoch, keep the last)")
 
     def _check(self) -> None:
         self._require(self.lr > 0, "lr", "must be positive")
         self._require(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
         self._require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
+        self._require(self.early_stop_patience >= 0, "early_stop_patience", "must be >= 0")
+        self._require(not (self.early_stop_patience and self.num_workers), "early_stop_patience",
+                      "needs local mode (num_workers=0)")
         self._require(self.epochs > 0, "epochs", "must be positive")
         self._require(self.max_steps is None or self.max_steps > 0, "max_steps", "must be > 0")
         self._require(self.batch_size > 0, "batch_size", "must be positive")

@@ -43,6 +43,8 @@ class TrainResult:
         history: training loss of every optimizer step, in order.
         n_examples: examples trained on; ``skipped``: ids dropped by ``on_overflow="skip"``.
         checkpoint: the last checkpoint's path in ``storage_path`` (None in local mode).
+        early_stop: with ``early_stop_patience``: ``best_epoch`` (the adapter kept),
+            ``stopped_epoch`` and ``curve`` (each epoch's target accuracy and loss); else None.
     """
 
     adapter: str
@@ -52,6 +54,7 @@ class TrainResult:
     n_examples: int = 0
     skipped: list[str] = field(default_factory=list)
     checkpoint: str | None = None
+    early_stop: dict | None = None
 
 
 def _rows(records_path: str, model_spec: str, cfg: TrainConfig, cache_dir: str | None):
@@ -100,7 +103,7 @@ def _input_error(e: BaseException) -> EvorayError | None:
 def train(records_path: str, model_spec: str, init_adapter: str | None = None,
           cfg: TrainConfig | None = None, *, out: str, name: str | None = None,
           cache_dir: str | None = None, progress: bool = False,
-          on_checkpoint=None) -> TrainResult:
+          on_checkpoint=None, targets: list[dict] | None = None) -> TrainResult:
     """Fine-tune a LoRA adapter of ``model_spec`` on the (prompt, response) records.
 
     Args:
@@ -118,6 +121,8 @@ def train(records_path: str, model_spec: str, init_adapter: str | None = None,
         on_checkpoint: local mode only: called as ``on_checkpoint(folder, metrics)`` with every
             checkpoint folder (each epoch's end, every ``checkpoint_every`` steps, the last
             step) while it exists, e.g. to score the adapter on dev epoch by epoch.
+        targets: target records (``prompt``, ``response``) that ``cfg.early_stop_patience``
+            scores each epoch on (:mod:`evoray.train.early_stop`); never trained on.
 
     Raises:
         RecordError: the file is empty or malformed. ResponseTooLong: an example does not fit
@@ -131,6 +136,8 @@ def train(records_path: str, model_spec: str, init_adapter: str | None = None,
         raise TrainError("train.use_gpu needs num_workers >= 1 (local mode has no GPU placement)")
     if cfg.num_workers and on_checkpoint is not None:
         raise TrainError("on_checkpoint needs local mode (num_workers=0)")
+    if cfg.early_stop_patience and not targets:
+        raise TrainError("train.early_stop_patience needs the targets to score each epoch on")
     rows, skipped = _rows(records_path, model_spec, cfg, cache_dir)
     if init_adapter:
         _check_init_adapter(init_adapter, model_spec, cache_dir)
@@ -145,7 +152,11 @@ def train(records_path: str, model_spec: str, init_adapter: str | None = None,
                 "rows_per_worker": per_worker, "progress": progress}
     log.info("training %s on %d examples: %d steps (%d per epoch), %d worker(s)", model_spec,
              len(rows), total, per_epoch, cfg.num_workers)
-    if cfg.num_workers == 0:
+    early_stop = None
+    if cfg.num_workers == 0 and cfg.early_stop_patience:
+        metrics, early_stop = _train_early_stop(loop_cfg, rows, targets, on_checkpoint)
+        checkpoint = None
+    elif cfg.num_workers == 0:
         from evoray.train.loop import LocalSession, train_loop
 
         session = LocalSession(on_checkpoint)
@@ -159,7 +170,45 @@ def train(records_path: str, model_spec: str, init_adapter: str | None = None,
     sep = "/" if "://" in out else os.sep
     return TrainResult(adapter=out, adam_state=out.rstrip("/") + sep + "adam_state.safetensors",
                        metrics=metrics, history=history, n_examples=len(rows), skipped=skipped,
-                       checkpoint=checkpoint)
+                       checkpoint=checkpoint, early_stop=early_stop)
+
+
+def _train_early_stop(loop_cfg: dict, rows: list[dict], targets: list[dict],
+                      on_checkpoint) -> tuple[dict, dict]:
+    """Local training that keeps the epoch best on the targets (:mod:`evoray.train.early_stop`)
+    and uploads that epoch's checkpoint folder to ``out``. Returns the loop's last report and
+    the early-stopping record."""
+    from evoray.lora import upload_dir
+    from evoray.train.early_stop import KeepBest, StopTraining
+    from evoray.train.loop import LocalSession, train_loop
+
+    cfg = loop_cfg["cfg"]
+    keeper = KeepBest(loop_cfg["model"], targets, cfg.early_stop_patience,
+                      loop_cfg["steps_per_epoch"], max_length=cfg.max_length,
+                      cache_dir=loop_cfg["cache_dir"])
+
+    def hook(folder: str, metrics: dict) -> None:
+        if on_checkpoint is not None:
+            on_checkpoint(folder, metrics)
+        keeper(folder, metrics)
+
+    session = LocalSession(hook)
+    try:
+        try:
+            train_loop({**loop_cfg, "rows": rows, "out": None}, session)
+        except StopTraining:
+            pass
+        if keeper.best is None:
+            raise TrainError("early stopping scored no epoch: train.max_steps ends before the "
+                             "first epoch does")
+        upload_dir(keeper.folder, loop_cfg["out"])
+    finally:
+        keeper.cleanup()
+    record = {"best_epoch": keeper.best_epoch, "stopped_epoch": keeper.curve[-1]["epoch"],
+              "patience": cfg.early_stop_patience, "curve": keeper.curve}
+    log.info("early stopping kept epoch %d of %d (target accuracy %.3f)", keeper.best_epoch,
+             record["stopped_epoch"], keeper.best["accuracy"])
+    return dict(session.metrics), record
 
 
 def _fit(loop_cfg: dict, rows: list[dict], cfg: TrainConfig, name: str | None):

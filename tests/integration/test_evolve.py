@@ -64,16 +64,21 @@ def test_one_round_evolve_end_to_end(one_round, tmp_path):
 
 def test_random_rounds_skip_the_features_stage(one_round, tmp_path):
     """select.method=random reads no features: its round has no features stage or folder, and
-    it picks from the same cleaned pool as the reference run, a ratio's worth."""
+    it picks from the same cleaned pool as the reference run, a ratio's worth. With
+    train.early_stop_patience the round's training scores every epoch on the run's targets and
+    the manifest records the epoch kept."""
     from evoray.report_run import load_run
 
     cfg = demo_config(quick=True, **{"evolve.run_dir": str(tmp_path / "run"),
                                      "evolve.rounds": 1, "evolve.test_size": 20,
-                                     "select.method": "random"})
+                                     "select.method": "random", "train.epochs": 2,
+                                     "train.early_stop_patience": 1})
     out = evolve(cfg, say=lambda line: None)
     rd = tmp_path / "run" / "round_01"
     stages = Manifest(str(tmp_path / "run")).stages
     assert "round_01/features" not in stages and "round_01/select" in stages
+    kept = stages["round_01/train"]["stats"]
+    assert 1 <= kept["best_epoch"] <= kept["stopped_epoch"] <= 2
     assert not (rd / "features").exists()
     clean = read_records(str(rd / "clean.jsonl"), "candidate")
     ref = read_records(f"{one_round['run_dir']}/round_01/clean.jsonl", "candidate")

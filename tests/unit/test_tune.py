@@ -83,6 +83,7 @@ def test_optuna_search_names_the_missing_package(monkeypatch):
     (["sweep.metric=test_accuracy"], "test metrics are for reporting only"),
     (["sweep.grace_period=5"], "more than the most epochs a trial trains (2)"),
     (["train.max_steps=10"], "sweeps count epochs"),
+    (["train.early_stop_patience=2"], "its scheduler stops trials"),
     (["train.use_gpu=true"], "set train.num_workers >= 1 for GPU trials"),
     (["evolve.targets=t.jsonl"], "evolve.dev: a sweep scores trials on a dev split"),
 ])
