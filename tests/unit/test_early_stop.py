@@ -81,7 +81,8 @@ def test_keeps_the_best_epoch_and_stops_after_patience(data, tmp_path, monkeypat
 
 def test_score_agrees_with_the_competence_diagnostic(data, tmp_path):
     """The keeper's accuracy is the competence diagnostic's on the same adapter and targets, and
-    its loss is the mean right-answer loss; with patience above the epochs it keeps the best."""
+    its loss is the mean right-answer loss; with patience above the epochs it keeps the best
+    epoch, whose adapter is exactly a plain training of that many epochs."""
     targets = _records(8, start=100)
     res = train(data, "tiny-llama", cfg=TrainConfig(**{**CFG, "epochs": 3},
                                                     early_stop_patience=5),
@@ -89,6 +90,12 @@ def test_score_agrees_with_the_competence_diagnostic(data, tmp_path):
     assert res.early_stop["stopped_epoch"] == 3 and len(res.early_stop["curve"]) == 3
     best = res.early_stop["curve"][res.early_stop["best_epoch"] - 1]
     assert not any(better(c, best) for c in res.early_stop["curve"])
+    plain = train(data, "tiny-llama", cfg=TrainConfig(**{**CFG, "epochs":
+                                                         res.early_stop["best_epoch"]}),
+                  out=str(tmp_path / "plain"))  # scoring between epochs changes no weight
+    kept = load_file(os.path.join(res.adapter, "adapter_model.safetensors"))
+    ref = load_file(os.path.join(plain.adapter, "adapter_model.safetensors"))
+    assert all(torch.equal(kept[k], ref[k]) for k in ref)
     model, tok = load_with_adapter("tiny-llama", res.adapter)
     m = competence(model, tok, targets, max_length=64)
     assert best["accuracy"] == pytest.approx(m["accuracy"])
