@@ -97,3 +97,15 @@ def quick_round_one(quick_run, tmp_path):
                           if not k.startswith("round_02/")}
     (run / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return run
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test (a shared 2-core machine: 2 threads spin against other
+    processes); the count is restored after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -15,13 +15,7 @@ from evoray.train import train
 from evoray.train.competence import competence
 from evoray.train.early_stop import KeepBest, better, stop_epoch
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _s(acc, loss=1.0):

@@ -16,13 +16,7 @@ from evoray.errors import EvorayError, ModelError, TrainError
 from evoray.tasks import write_task
 from evoray.train import train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine: 2 threads spin against other processes
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

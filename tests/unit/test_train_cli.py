@@ -10,13 +10,7 @@ from evoray.data import read_records, write_records
 from evoray.models import load_model
 from evoray.tasks import write_task
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_train_eval_export(tmp_path, capsys):
