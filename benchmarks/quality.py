@@ -31,9 +31,11 @@ stopped run resumes where it was; ``--force`` recomputes. The tables go to ``--o
   the selection's wrong-label share against the pool's base rates. Round 2's proxy is the
   round-1 model. ``--evolution-generator strong`` runs it on the strong generator's pools.
 * **Trained proxy** (``proxy``): the evolution layer's premise without round 1. The weak lookup
-  pool is featurized again with a proxy that learned the task (the model trained on the clean
-  oracle's picks), every selector and two EvoSelect ablations (``PROXY_ABLATIONS``) pick at
-  ratio 0.1, and the AUC of right over wrong labels is given for the selectors' scores.
+  pool is featurized again with a proxy that learned the task (the downstream layer's model
+  trained on the clean oracle's picks, seed ``PROXY_SEED``), every selector and EvoSelect with
+  each setting changed in turn (``PROXY_ABLATIONS``, also run on the base proxy's features at
+  ratio 0.1 in the quality layer) pick at ratio 0.1, and the AUC of right over wrong labels is
+  given for the selectors' scores.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ from quality_report import (
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
+# The trained proxy: the downstream cell (lookup, weak, 0.1, oracle_clean) of this seed.
+PROXY_SEED = 1
 METHOD_SETTINGS = {"tsds": {"select.tsds.replace": False}}  # config overrides per method
 RATIOS = (0.05, 0.1, 0.2)
 LAYERS = ("quality", "downstream", "evolution", "proxy")
@@ -159,7 +163,8 @@ class Bench:
                 data = self.task(task, gen)
                 self.cells.get(f"pool|{task}|{gen}", pool_rates, data["pool_records"], task)
                 for ratio in self.a.ratios:
-                    for method in self.a.methods:
+                    ablations = tuple(PROXY_ABLATIONS) if ratio == 0.1 else ()
+                    for method in (*self.a.methods, *ablations):
                         self.cells.get(f"quality|{task}|{gen}|{ratio}|{method}",
                                        self._quality_cell, data, task, ratio, method)
 
@@ -167,7 +172,10 @@ class Bench:
         from evoray.tasks.score import selection_quality
 
         f = self.features(data)
-        rows, counts = self.pick(method, ratio, 0, f, task)
+        if method in PROXY_ABLATIONS:
+            rows, counts = self.pick("evoselect", ratio, 0, f, task, PROXY_ABLATIONS[method])
+        else:
+            rows, counts = self.pick(method, ratio, 0, f, task)
         picks = [f["records"][i] for i in rows]
         return selection_quality(picks, data["target_records"], task, counts)
 
@@ -288,8 +296,8 @@ class Bench:
 
     def proxy(self) -> None:
         """Could a trained proxy tell right labels from wrong ones? The evolution layer's premise,
-        tested without depending on round 1: the proxy is the model trained on the clean
-        oracle's selection (the downstream cell oracle_clean, weak, ratio 0.1, seed 0: a model
+        tested without depending on round 1: the proxy is the model the downstream layer trained
+        on the clean oracle's selection (lookup, weak, ratio 0.1, seed ``PROXY_SEED``: a model
         that learned the task), the pool is the quality layer's weak pool, and every selector
         picks at ratio 0.1 from the features of that proxy. It is the ceiling of what round 2
         could do had round 1 learned. ``proxy-sep`` gives, among the pool's on-task
@@ -304,15 +312,26 @@ class Bench:
         self.cells.get(f"proxy-sep|{task}|{gen}", self._proxy_separation, data, task)
 
     def proxy_features(self, data: dict, task: str) -> dict:
-        folder = os.path.join(self.a.work, "proxy", os.path.basename(data["folder"]))
-        if not os.path.exists(f"{folder}/proxy.json"):  # written last
-            rows, _ = self.pick("oracle_clean", 0.1, 0, {"records": data["pool_records"]}, task)
-            m = self.train_eval([data["pool_records"][i] for i in rows], folder, 0, data["test"])
-            with open(f"{folder}/proxy.json", "w") as f:
-                json.dump(m, f)
-        with open(f"{folder}/proxy.json") as f:
-            trained = json.load(f)
-        return {**self.features(data, f"{folder}/adapter", "-oracle-clean-proxy"),
+        """The pool's and targets' features under the trained proxy: the downstream cell's
+        adapter when that layer kept it, else the same training again (same picks, same seed)."""
+        gen = os.path.basename(data["folder"]).split("-")[1]
+        cell = f"down|{task}|{gen}|0.1|oracle_clean|{PROXY_SEED}"
+        adapter = os.path.join(self.a.work, "downstream", task, gen, "0.1", "oracle_clean",
+                               str(PROXY_SEED), "adapter")
+        trained = self.cells.rows.get(cell)
+        if trained is None or not os.path.exists(adapter):
+            folder = os.path.join(self.a.work, "proxy", os.path.basename(data["folder"]))
+            adapter = f"{folder}/adapter"
+            if not os.path.exists(f"{folder}/proxy.json"):  # written last
+                rows, _ = self.pick("oracle_clean", 0.1, PROXY_SEED,
+                                    {"records": data["pool_records"]}, task)
+                m = self.train_eval([data["pool_records"][i] for i in rows], folder, PROXY_SEED,
+                                    data["test"])
+                with open(f"{folder}/proxy.json", "w") as f:
+                    json.dump(m, f)
+            with open(f"{folder}/proxy.json") as f:
+                trained = json.load(f)
+        return {**self.features(data, adapter, f"-oracle-clean-{PROXY_SEED}"),
                 "proxy": trained}
 
     def _proxy_cell(self, data: dict, task: str, method: str) -> dict:
@@ -334,7 +353,7 @@ class Bench:
 
         f = self.proxy_features(data, task)
         G, V = f["pool"].X.astype(np.float64), f["targets"].X.astype(np.float64)
-        mu = G.mean(axis=0)  # centred as EvoSelect centres
+        mu = G.mean(axis=0)  # centred by the pool's mean feature
         attribution = attribution_scores(G - mu, V - mu)
         _, sel = select_features(SelectConfig(method="evoselect", ratio=0.1, seed=0),
                                  f["pool"], f["targets"])

@@ -12,13 +12,23 @@ SELECTORS = ("random", "attribution", "diversity", "attr_div", "tsds", "evoselec
 ORACLES = ("oracle_on_task", "oracle_clean")
 GENERATORS = ("weak", "strong")
 TASKS = ("lookup", "arithmetic")
-# EvoSelect with one setting changed, in the trained-proxy layer only: which part of it costs
-# picks once the proxy can rank labels (the diversity term; the residual novelty; the centring,
-# which a trained proxy's few large gradients dominate under "mean").
-PROXY_ABLATIONS = {"evoselect lam=0": {"select.lam": 0.0},
-                   "evoselect novelty_pcs=0": {"select.evoselect.novelty_pcs": 0},
-                   "evoselect center=unit_mean": {"select.evoselect.center": "unit_mean"},
-                   "evoselect center=none": {"select.evoselect.center": "none"}}
+# EvoSelect with one setting changed from its default (the base-proxy rows at ratio 0.1 of the
+# quality layer and the whole trained-proxy layer): which part of it makes it label-aware once
+# the proxy can rank labels, and what each costs under the label-blind base proxy.
+PROXY_ABLATIONS = {
+    "evoselect previous default (center=mean, target_knn=0)":
+        {"select.evoselect.center": "mean", "select.evoselect.target_knn": 0},
+    "evoselect target_knn=0": {"select.evoselect.target_knn": 0},
+    "evoselect target_knn=10": {"select.evoselect.target_knn": 10},
+    "evoselect target_knn=40": {"select.evoselect.target_knn": 40},
+    "evoselect target_mix=0.5": {"select.evoselect.target_mix": 0.5},
+    "evoselect target_mix=1": {"select.evoselect.target_mix": 1.0},
+    "evoselect center=mean": {"select.evoselect.center": "mean"},
+    "evoselect center=none": {"select.evoselect.center": "none"},
+    "evoselect alignment=lava": {"select.evoselect.alignment": "lava"},
+    "evoselect blocks=1 (align once, then diversify)": {"select.blocks": 1},
+    "evoselect lam=0": {"select.lam": 0.0},
+    "evoselect novelty_pcs=0": {"select.evoselect.novelty_pcs": 0}}
 QUALITY_METRICS = (("off_task", "off-task share"), ("duplicate", "redundant duplicate share"),
                    ("near_duplicate_kind", "near-duplicate (kind) share"),
                    ("wrong_label", "wrong-label share"), ("unique_correct", "unique-correct share"),

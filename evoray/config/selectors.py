@@ -21,11 +21,14 @@ class EvoSelectSettings(_Stage):
     section: ClassVar[str] = "select.evoselect"
     floor: float = _f(1e-3, "lowest target mass after a block, as a fraction of 1/M")
     center: bool | Literal["mean", "unit_mean", "none"] = _f(
-        True, "centring before normalising: true/mean = subtract the pool's mean feature; "
+        "unit_mean", "centring before normalising: true/mean = subtract the pool's mean feature; "
         "unit_mean = normalise, then subtract the mean of the normalised rows; false/none = "
         "none")
     alignment: Literal["mass", "lava"] = _f("mass", "alignment score: received OT mass, or "
                                             "LAVA's calibrated dual gradient")
+    target_knn: int = _f(20, "each target's cost is mixed with that of the mean direction of its "
+                         "target_knn nearest targets; 0 = off")
+    target_mix: float = _f(0.75, "weight of the smoothed target direction in the cost, in [0, 1]")
     sparse_above: int = _f(100_000, "above this many candidates, OT on kNN-sparse costs")
     ot_knn: int = _f(1000, "candidates kept per target on the sparse OT path")
     novelty: Literal["auto", "dense", "knn"] = _f("auto", "novelty updates: scan every row, "
@@ -49,6 +52,8 @@ class EvoSelectSettings(_Stage):
             self._require(getattr(self, name) > 0, name, "must be positive")
         self._require(self.nlist is None or self.nlist > 0, "nlist", "must be positive")
         self._require(self.novelty_pcs >= 0, "novelty_pcs", "must be >= 0")
+        self._require(self.target_knn >= 0, "target_knn", "must be >= 0")
+        self._require(0 <= self.target_mix <= 1, "target_mix", "must be in [0, 1]")
         self._require(self.min_share >= 0, "min_share", "must be >= 0")
         self._require(self.redundant_cos is None or -1 <= self.redundant_cos <= 1,
                       "redundant_cos", "must be in [-1, 1]")

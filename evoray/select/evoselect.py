@@ -34,7 +34,7 @@ from evoray.select.geometry import ResidualRows, UnitRows, ivf_index, knn, princ
 from evoray.select.ot import SemiRelaxedOT, lava_gradient
 from evoray.select.selection import Selection
 
-__all__ = ["evoselect", "Greedy"]
+__all__ = ["evoselect", "Greedy", "smooth_targets"]
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,19 @@ class Greedy:
             self.hist += np.bincount(self.bin[rows], minlength=self.bins)
 
 
+def smooth_targets(Vh: np.ndarray, knn: int, mix: float) -> np.ndarray:
+    """``mix · unit(mean of each target's knn nearest targets) + (1 − mix) · v̂_j`` for unit rows
+    ``Vh`` (M, d). Since a candidate's cosine is linear in the target vector, the cost
+    ``(1 − w_j·ĝ_i) / 2`` of the result is the same mix of the two costs, and stays in [0, 1]
+    (``‖w_j‖ ≤ 1``). Ties among neighbours break by target order."""
+    kk = min(knn, len(Vh))
+    sims = Vh.astype(np.float64) @ Vh.T.astype(np.float64)
+    near = np.argsort(-sims, axis=1, kind="stable")[:, :kk]
+    mean = Vh[near].astype(np.float64).mean(axis=1)
+    mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), np.finfo(float).tiny)
+    return (mix * mean + (1.0 - mix) * Vh).astype(np.float32)
+
+
 def _block_sizes(k: int, blocks: int) -> list[int]:
     edges = np.round(np.linspace(0, k, min(blocks, k) + 1)).astype(int)
     return [int(x) for x in np.diff(edges)]
@@ -144,7 +157,8 @@ def _block_sizes(k: int, blocks: int) -> list[int]:
 
 def evoselect(G: np.ndarray, V: np.ndarray, k: int, *, seed: int = 0, lam: float = 0.25,
               blocks: int = 10, eps: float = 0.01, tau: float = 0.01, floor: float = 1e-3,
-              center: bool | str = True, alignment: str = "mass", sparse_above: int = 100_000,
+              center: bool | str = "unit_mean", alignment: str = "mass", target_knn: int = 20,
+              target_mix: float = 0.75, sparse_above: int = 100_000,
               ot_knn: int = 1000, novelty: str = "auto", novelty_dense_max: int = 20_000,
               novelty_knn: int = 64, nlist: int | None = None, nprobe: int = 8,
               novelty_codec: str = "SQfp16", novelty_pcs: int = 50, bins: int = 65536,
@@ -170,6 +184,14 @@ def evoselect(G: np.ndarray, V: np.ndarray, k: int, *, seed: int = 0, lam: float
             the centre; ``"none"`` (or False) does not centre (docs/algorithms.md §3.1).
         alignment: ``"mass"`` (received OT mass, higher = better) or ``"lava"`` (LAVA's
             calibrated dual gradient of the candidate potential, lower = better; ranked negated).
+        target_knn: smoothing of the targets: each target's cost row becomes ``target_mix``
+            times the cost to the mean direction of its ``target_knn`` nearest targets (itself
+            included; cosines of the centred targets) plus ``1 − target_mix`` times its own
+            (:func:`smooth_targets`; capped at M). 0 = off. A single target's gradient under a trained proxy
+            holds its own letter and wording; the neighbourhood mean keeps what the targets
+            share, the task's direction, against which a wrong label's gradient points away
+            (docs/algorithms.md §3.1).
+        target_mix: weight of the smoothed direction in the cost, in [0, 1].
         sparse_above: above this many candidates, OT runs on kNN-sparsified costs.
         ot_knn: candidates kept per target on the sparse path (capped at N).
         novelty: ``"dense"`` (scan all rows after each pick), ``"knn"`` (faiss IVF neighbours)
@@ -205,11 +227,16 @@ def evoselect(G: np.ndarray, V: np.ndarray, k: int, *, seed: int = 0, lam: float
         raise ValueError(f"alignment must be 'mass' or 'lava', got {alignment!r}")
     if novelty not in ("auto", "dense", "knn"):
         raise ValueError(f"novelty must be 'auto', 'dense' or 'knn', got {novelty!r}")
+    if target_knn < 0 or not 0.0 <= target_mix <= 1.0:
+        raise ValueError(f"target_knn must be >= 0 and target_mix in [0, 1], got {target_knn} "
+                         f"and {target_mix}")
     timing = {"cost": 0.0, "ot": 0.0, "diversification": 0.0}
     t0 = time.perf_counter()
     n, m = len(G), len(V)
     U = UnitRows(G, center=center)
     Vh = U.targets(V)
+    if target_knn > 0:
+        Vh = smooth_targets(Vh, target_knn, target_mix)
     sparse = n > sparse_above
     if sparse:
         sims, idx = knn(Vh, U, min(ot_knn, n))
@@ -289,7 +316,8 @@ def evoselect(G: np.ndarray, V: np.ndarray, k: int, *, seed: int = 0, lam: float
         "converged": all(r["converged"] for r in ot_log),
         "target_marginal_err": max(r["marginal_err"] for r in ot_log), "ot": ot_log,
         "sparse": sparse, "novelty": "dense" if use_dense else "knn", "centered": U.center,
-        "alignment": alignment, "novelty_pcs": pcs, "timing": timing,
+        "alignment": alignment, "novelty_pcs": pcs, "target_knn": min(target_knn, m),
+        "timing": timing,
     }
     return Selection(indices=indices, scores={"alignment": first_align,
                                               "novelty": greedy.novelty.copy()},
