@@ -187,10 +187,10 @@ def evoselect(G: np.ndarray, V: np.ndarray, k: int, *, seed: int = 0, lam: float
         target_knn: smoothing of the targets: each target's cost row becomes ``target_mix``
             times the cost to the mean direction of its ``target_knn`` nearest targets (itself
             included; cosines of the centred targets) plus ``1 − target_mix`` times its own
-            (:func:`smooth_targets`; capped at M). 0 = off. A single target's gradient under a trained proxy
-            holds its own letter and wording; the neighbourhood mean keeps what the targets
-            share, the task's direction, against which a wrong label's gradient points away
-            (docs/algorithms.md §3.1).
+            (:func:`smooth_targets`; capped at M). 0 = off. A single target's gradient under a
+            trained proxy holds its own letter and wording; the neighbourhood mean keeps what the
+            targets share, the task's direction, against which a wrong label's gradient points
+            away (docs/algorithms.md §3.1).
         target_mix: weight of the smoothed direction in the cost, in [0, 1].
         sparse_above: above this many candidates, OT runs on kNN-sparsified costs.
         ot_knn: candidates kept per target on the sparse path (capped at N).
