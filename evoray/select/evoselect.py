@@ -3,8 +3,10 @@
 docs/algorithms.md §3 describes this default instantiation (the paper, arXiv 2604.26170, does
 not publish its formulas):
 
-0. centre ``G`` and ``V`` by the pool's mean feature, then row-normalise;
-1. cost ``C_ij = (1 − cos(g_i, v_j)) / 2``;
+0. row-normalise ``G`` and ``V``, centre both by the mean of the normalised candidate rows, and
+   normalise again (``center="unit_mean"``);
+1. cost ``C_ij = (1 − ⟨ĝ_i, w_j⟩) / 2`` with ``w_j = 0.75 · s_j + 0.25 · v̂_j``, ``s_j`` the mean
+   direction of target j's 20 nearest targets (``target_knn``, ``target_mix``);
 2. alignment ``a_i`` = mass candidate i receives in the semi-relaxed entropic OT that enforces the
    uniform target marginal (:mod:`evoray.select.ot`), or LAVA's calibrated dual gradient;
 3. in ``blocks`` blocks, greedily pick ``argmax (1 − lam)·rank(a_i) + lam·rank(novelty_i)`` with
@@ -13,6 +15,17 @@ not publish its formulas):
    novelty updated after every pick; after each block, lower each target's mass by what the
    block's picks carried (floored, renormalised) and re-solve the OT, warm-started, without the
    picked candidates.
+
+Why steps 0-1 are what they are (chosen on the quality benchmark's trained-proxy layer, where
+the proxy is a model that learned the task; the ablation, one run with every setting changed in
+turn, is in the README's "Selection" section with its figures): a trained proxy's gradients are
+several times larger on wrong labels and off-task candidates than on right labels, so centring by
+the raw mean (``center="mean"``, the previous default) let those few rows make the centre and
+most picks went off-task; ``unit_mean`` removes most of that, and the target smoothing, which
+aligns to what the targets share rather than to each target's own letter and wording, removes
+the rest and brings wrong labels down to attribution's level while keeping duplicates out. With
+a label-blind round-1 proxy no setting sees wrong labels, and the default keeps off-task and
+duplicate candidates out there as before.
 
 Scale: the cost is dense (M × N, in blocks) up to ``sparse_above`` candidates and kNN-sparse above
 (each target's ``ot_knn`` nearest candidates, exact brute force through faiss); novelty is a

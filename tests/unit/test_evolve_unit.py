@@ -1,6 +1,7 @@
 """Pool cleaning, the manifest, and the demo's embedded defaults (no Ray)."""
 
 import json
+import os
 
 import pytest
 
@@ -66,7 +67,11 @@ def test_demo_is_the_strong_lookup_setting_in_process():
     assert (cfg.model, cfg.generate.kind, cfg.generate.preset, cfg.evolve.task) == (
         "smollm2-135m", "simulated", "strong", "lookup")
     assert (cfg.evolve.rounds, cfg.generate.pool_size, cfg.select.method, cfg.select.ratio,
-            cfg.train.num_workers, cfg.train.bf16) == (1, 1000, "evoselect", 0.2, 0, True)
+            cfg.train.num_workers, cfg.train.bf16, cfg.train.epochs) == (
+        1, 600, "evoselect", 0.3333, 0, True, 6)
+    # jobs/configs/demo.yaml is the same run for `ray job submit`
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert load_config(os.path.join(root, "jobs", "configs", "demo.yaml"), []) == cfg
 
 
 def test_demo_arms_and_side_by_side_table():
