@@ -11,6 +11,7 @@ import statistics
 SELECTORS = ("random", "attribution", "diversity", "attr_div", "tsds", "evoselect")
 ORACLES = ("oracle_on_task", "oracle_clean")
 GENERATORS = ("weak", "strong")
+EVOLUTION_ARMS = ("evoselect", "attribution", "random")
 TASKS = ("lookup", "arithmetic")
 # EvoSelect with one setting changed from its default (the base-proxy rows at ratio 0.1 of the
 # quality layer and the whole trained-proxy layer): which part of it makes it label-aware once
@@ -327,3 +328,51 @@ def write_report(args, rows: dict) -> None:
     text += "\n" + "\n".join(f"![{n}]({n})" for n in names) + "\n"
     with open(args.out, "w") as f:
         f.write(text)
+
+
+def evolution_report(rows: dict) -> str:
+    """Per generator and arm, each round's mean test accuracy (± s.e.) and wrong-label share over
+    the seeds, then the last round's paired difference of EvoSelect to each other arm
+    (``benchmarks/evolution.py``'s cells)."""
+    out = ["# Evolution: rounds of `evoray evolve`, each round's model the next one's proxy", "",
+           "Written by `benchmarks/evolution.py` from `evolution.json`; lookup task, a fresh pool "
+           "each round, ratio 1/3, the downstream recipe continuing from the previous round's "
+           "adapter. Test accuracy mean ± standard error over seeds; shares of the picks; the "
+           "pool's wrong-label base rate beside them.", ""]
+    groups: dict[tuple, dict[str, dict[int, dict]]] = {}
+    for r in rows.values():
+        groups.setdefault((r["gen"], r["policy"], r["bf16"]), {}).setdefault(
+            r["arm"], {})[r["seed"]] = r
+    for (gen, policy, bf16), arms in sorted(groups.items()):
+        out += [f"## {gen} pool, policy {policy}" + ("" if bf16 else ", float32"), "",
+                "| arm | round | seeds | test accuracy | wrong-label | pool wrong-label | "
+                "off-task | duplicate | unique-correct |",
+                "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+        for arm in [a for a in EVOLUTION_ARMS if a in arms]:
+            cells = list(arms[arm].values())
+            for i in range(max(len(c["rounds"]) for c in cells)):
+                rs = [c["rounds"][i] for c in cells if i < len(c["rounds"])]
+                acc = [r["accuracy"] for r in rs]
+                se = (f" ± {statistics.stdev(acc) / len(acc) ** 0.5:.3f}" if len(acc) > 1
+                      else "")
+                sel = {k: statistics.mean(r["selection"][k] for r in rs)
+                       for k in ("wrong_label", "off_task", "duplicate", "unique_correct")}
+                pool = statistics.mean(r["pool"]["wrong_label"] for r in rs)
+                out.append(f"| {arm} | {i + 1} | {len(rs)} | {statistics.mean(acc):.3f}{se} | "
+                           f"{sel['wrong_label']:.3f} | {pool:.3f} | {sel['off_task']:.3f} | "
+                           f"{sel['duplicate']:.3f} | {sel['unique_correct']:.3f} |")
+        out.append("")
+        evo = arms.get("evoselect", {})
+        for other in ("random", "attribution"):
+            seeds = sorted(s for s in evo if s in arms.get(other, {}))
+            last = min([len(evo[s]["rounds"]) for s in seeds]
+                       + [len(arms[other][s]["rounds"]) for s in seeds], default=0)
+            if len(seeds) < 2 or last == 0:
+                continue
+            d, lo, hi = paired([evo[s]["rounds"][last - 1]["accuracy"] for s in seeds],
+                               [arms[other][s]["rounds"][last - 1]["accuracy"] for s in seeds])
+            out.append(f"Round {last}, EvoSelect minus {other}, paired over seeds "
+                       f"{', '.join(map(str, seeds))}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}] (95% "
+                       f"t-interval).")
+        out.append("")
+    return "\n".join(out)

@@ -44,3 +44,29 @@ def test_downstream_tables_show_evoselect_against_each_method():
     against = text.split("EvoSelect minus each method")[1]
     assert "| random | **+0.203 [" in against and "| tsds | -0.050 [" in against
     assert "| attribution |" not in against  # no cell: no row
+
+
+def _evo_row(arm, seed, accs, wrong=0.3):
+    rounds = [{"round": i + 1, "accuracy": a, "pool": {"wrong_label": 0.25},
+               "selection": {"wrong_label": wrong, "off_task": 0.0, "duplicate": 0.0,
+                             "unique_correct": 0.6}} for i, a in enumerate(accs)]
+    return {"gen": "weak", "arm": arm, "seed": seed, "policy": "fixed", "bf16": True,
+            "rounds": rounds}
+
+
+def test_evolution_report_means_and_round3_paired_difference():
+    rows = {}
+    evo = {0: [0.3, 0.5, 0.7], 1: [0.3, 0.4, 0.6], 2: [0.2, 0.4, 0.8]}
+    rnd = {0: [0.3, 0.3, 0.3], 1: [0.25, 0.3, 0.35], 2: [0.3, 0.3, 0.3]}
+    for s in range(3):
+        rows[f"e{s}"] = _evo_row("evoselect", s, evo[s], wrong=0.1 * s)
+        rows[f"r{s}"] = _evo_row("random", s, rnd[s])
+    rows["r9"] = _evo_row("random", 9, [0.9, 0.9, 0.9])  # no EvoSelect cell: not paired
+    text = qr.evolution_report(rows)
+    se = stats.sem([0.7, 0.6, 0.8])
+    assert f"| evoselect | 3 | 3 | 0.700 ± {se:.3f} | 0.100 | 0.250 |" in text
+    assert "| random | 1 | 4 |" in text
+    m, lo, hi = qr.paired([0.7, 0.6, 0.8], [0.3, 0.35, 0.3])
+    assert (f"Round 3, EvoSelect minus random, paired over seeds 0, 1, 2: {m:+.3f} "
+            f"[{lo:+.3f}, {hi:+.3f}]") in text
+    assert "minus attribution" not in text  # no attribution cells
