@@ -3,6 +3,7 @@ one local Ray for the session (2 CPUs, no dashboard), and the evolve runs that t
 never write into them)."""
 
 import os
+import socket
 
 import pytest
 
@@ -109,3 +110,24 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports. The sockets are all bound before any is closed: ports
+    taken one at a time can repeat (the kernel may hand a just-released port out again), and a
+    Ray head given one port for two components exits at once ("trying to use a port number ...
+    that is used by other components")."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.fixture(scope="session")
+def ports():
+    """:func:`free_ports`, for tests and fixtures."""
+    return free_ports

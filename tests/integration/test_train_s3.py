@@ -1,7 +1,6 @@
 """Checkpoints, outputs and adapters on S3: a moto server on loopback, started by the test."""
 
 import os
-import socket
 
 import pytest
 
@@ -13,14 +12,8 @@ from evoray.train import evaluate, train
 pytestmark = pytest.mark.slow  # Ray restarted for the module, and an evolve run on S3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3(restart_ray):
+def s3(restart_ray, ports):
     """A moto S3 server on a free loopback port, for this module only. pyarrow reads the
     endpoint and credentials from the environment, and Ray's workers get the driver's
     environment when Ray starts: the variables are set, and the suite's Ray restarted with
@@ -28,7 +21,7 @@ def s3(restart_ray):
     moto_server = pytest.importorskip("moto.server")
     import pyarrow.fs as pafs
 
-    port = _free_port()
+    (port,) = ports(1)
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     with pytest.MonkeyPatch.context() as mp:

@@ -35,14 +35,6 @@ def readme_recipe() -> str:
     return block.group(1) + "\n"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ray_processes(contains: str = "") -> list[psutil.Process]:
     """The processes `ray stop` would end, by its own rule: a keyword of Ray's RAY_PROCESSES in
     the process name or in its command line (Ray has no public API for that list); with
@@ -68,11 +60,11 @@ def _wait_for_no_ray(seconds: float) -> list[psutil.Process]:
     return left
 
 
-def test_readme_local_head_recipe(request, tmp_path, tmp_path_factory):
+def test_readme_local_head_recipe(request, tmp_path, tmp_path_factory, ports):
     recipe = readme_recipe()
-    for port in PORTS:
+    for port, free in zip(PORTS, ports(len(PORTS)), strict=True):
         assert re.search(rf"\b{port}\b", recipe), f"the recipe no longer names port {port}"
-        recipe = re.sub(rf"\b{port}\b", str(_free_port()), recipe)
+        recipe = re.sub(rf"\b{port}\b", str(free), recipe)
     submission = re.search(r"--submission-id[ =](\S+)", recipe)
     assert submission, "the recipe's job has no --submission-id for `ray job status`"
     (tmp_path / "recipe.sh").write_text(recipe)

@@ -5,7 +5,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,12 +19,6 @@ from evoray.data.features import read_features
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_until_jobs_accepted(address, env, ray_bin, proc, timeout=120.0):
@@ -50,7 +43,7 @@ def _wait_until_jobs_accepted(address, env, ray_bin, proc, timeout=120.0):
 
 
 @contextlib.contextmanager
-def _head(tmp_path_factory, **env_extra):
+def _head(tmp_path_factory, ports, **env_extra):
     """A head node on free ports; `--block` ties every Ray process to this process group, so
     teardown stops what this test started and nothing else (no `ray stop`)."""
     # The head and its jobs run this interpreter's environment, as if the venv were activated:
@@ -59,20 +52,20 @@ def _head(tmp_path_factory, **env_extra):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled",
            "RAY_TMPDIR": str(tmp_path_factory.mktemp("ray")),
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", **env_extra}
-    dash = _free_port()
     ray_bin = str(bin_dir / "ray")
     # Every component on its own free port: the integration tests' session Ray may already hold
     # the default agent ports (52365, ...), and a second head on them exits at once.
-    ports = [f"--{name}={_free_port()}" for name in (
-        "port", "node-manager-port", "object-manager-port", "ray-client-server-port",
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port")]
+    names = ("port", "node-manager-port", "object-manager-port", "ray-client-server-port",
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port")
+    dash, *free = ports(len(names) + 1)
+    flags = [f"--{name}={port}" for name, port in zip(names, free, strict=True)]
     log = tmp_path_factory.mktemp("head") / "ray_start.log"
     with open(log, "w") as log_file:
         proc = subprocess.Popen(
             [ray_bin, "start", "--head", "--block", "--num-cpus=2", "--disable-usage-stats",
              f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-             *ports],
+             *flags],
             env=env, start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dash}"
     try:
@@ -84,7 +77,8 @@ def _head(tmp_path_factory, **env_extra):
     finally:
         # a graceful stop waits on agents and job supervisors (about 30 s here); every process
         # is in this group, with its files under this test's RAY_TMPDIR: end them at once
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # a head that failed to start has exited
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(5)
         except subprocess.TimeoutExpired:
@@ -93,12 +87,12 @@ def _head(tmp_path_factory, **env_extra):
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
+def head(tmp_path_factory, ports):
     """One head node for the module, with Ray's token authentication on (RAY_AUTH_MODE=token,
     the token in RAY_AUTH_TOKEN, and no ~/.ray/auth_token to fall back on): every job below is
     submitted with the token."""
     home = tmp_path_factory.mktemp("home")
-    with _head(tmp_path_factory, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+    with _head(tmp_path_factory, ports, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
                HOME=str(home)) as h:
         yield h
 
