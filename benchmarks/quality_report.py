@@ -344,7 +344,7 @@ def evolution_report(rows: dict) -> str:
         groups.setdefault((r["gen"], r["policy"], r["bf16"]), {}).setdefault(
             r["arm"], {})[r["seed"]] = r
     for (gen, policy, bf16), arms in sorted(groups.items()):
-        out += [f"## {gen} pool, policy {policy}" + ("" if bf16 else ", float32"), "",
+        out += [f"## {gen} pool, policy {policy}" + (", bfloat16" if bf16 else ""), "",
                 "| arm | round | seeds | test accuracy | wrong-label | pool wrong-label | "
                 "off-task | duplicate | unique-correct |",
                 "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
