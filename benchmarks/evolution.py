@@ -31,7 +31,6 @@ cores (the features stage is a Ray Data actor; training is in-process).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -51,11 +50,6 @@ def cell_key(gen: str, arm: str, seed: int, policy: str, bf16: bool) -> str:
 
 def run_cell(a, gen: str, arm: str, seed: int) -> dict:
     """One evolve run (resumed when its folder holds a manifest) and its per-round figures."""
-    from evoray.config import load_config
-    from evoray.data import read_records
-    from evoray.evolve import evolve, round_dir
-    from evoray.tasks.score import pool_rates, selection_quality
-
     run = os.path.join(a.work, f"{gen}-{arm}-{seed}-{a.policy}" + ("-bf16" if a.bf16 else ""))
     over = {"model": a.model, "evolve.task": "lookup", "evolve.rounds": a.rounds,
             "evolve.run_dir": run, "evolve.test_size": a.test_size,
@@ -66,17 +60,9 @@ def run_cell(a, gen: str, arm: str, seed: int) -> dict:
             "features.num_actors": 1, "features.num_cpus": 1.0, "features.bf16": a.bf16,
             **{f"train.{k}": v for k, v in a.train.items()}, "train.seed": seed,
             "train.num_workers": 0, "train.bf16": a.bf16, **POLICIES[a.policy]}
-    cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in over.items()])
-    res = evolve(cfg, resume=os.path.exists(f"{run}/manifest.json"), progress=False)
-    targets = read_records(f"{run}/task/targets.jsonl", "target")
-    rounds = []
-    for r, m in enumerate(res["rounds"], 1):
-        rd = round_dir(run, r)
-        picks = read_records(f"{rd}/selection/selected.jsonl", "candidate")
-        rounds.append({"round": r, "accuracy": m.get("accuracy"), "proxy": m.get("proxy"),
-                       "pool": pool_rates(read_records(f"{rd}/clean.jsonl", "candidate"),
-                                          "lookup"),
-                       "selection": selection_quality(picks, targets, "lookup")})
+    res, rounds = quality_cells.evolve_cell(over, "lookup")
+    for row, m in zip(rounds, res["rounds"], strict=True):
+        row["proxy"] = m.get("proxy")
     return {"gen": gen, "arm": arm, "seed": seed, "policy": a.policy, "bf16": a.bf16,
             "train": a.train, "base_accuracy": (res["base"] or {}).get("accuracy"),
             "rounds": rounds}
@@ -112,17 +98,19 @@ def main(argv: list[str] | None = None) -> None:
         ["python benchmarks/evolution.py", *argv]) + f"  ({time.strftime('%Y-%m-%d')}, "
         f"{quality_cells.hardware()})")
     md = a.results.replace(".json", ".md")
+
+    def write_report() -> None:
+        with open(md, "w") as f:
+            f.write(evolution_report(cells.rows))
+
     if not a.report:
         for seed in map(int, a.seeds.split(",")):  # seed-major: a partial run has whole seeds
             for gen in a.generators.split(","):
                 for arm in a.arms.split(","):
                     cells.get(cell_key(gen, arm, seed, a.policy, a.bf16), run_cell, a, gen,
                               arm, seed)
-                    with open(md, "w") as f:
-                        f.write(evolution_report(cells.rows))
-    with open(md, "w") as f:
-        f.write(evolution_report(cells.rows))
-
+                    write_report()
+    write_report()
 
 if __name__ == "__main__":
     main()

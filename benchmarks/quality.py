@@ -48,7 +48,7 @@ import sys
 import time
 
 import numpy as np
-from quality_cells import Cells, hardware, oracle_rows, task_files, train_cell
+from quality_cells import Cells, evolve_cell, hardware, oracle_rows, task_files, train_cell
 from quality_report import (
     GENERATORS,
     ORACLES,
@@ -266,11 +266,6 @@ class Bench:
             self.cells.get(f"evo|{task}|{gen}|{method}", self._evolution_cell, task, gen, method)
 
     def _evolution_cell(self, task: str, gen: str, method: str) -> dict:
-        from evoray.config import load_config
-        from evoray.data import read_records
-        from evoray.evolve import evolve, round_dir
-        from evoray.tasks.score import pool_rates, selection_quality
-
         run = os.path.join(self.a.work, "evolution", f"{task}-{gen}-{method}")
         over = {"model": self.a.model, "evolve.task": task, "evolve.rounds": 2,
                 "evolve.run_dir": run, "generate.preset": gen,
@@ -278,17 +273,7 @@ class Bench:
                 "select.ratio": 0.1, **METHOD_SETTINGS.get(method, {}),
                 **{f"features.{k}": v for k, v in self.features_cfg.items()},
                 **{f"train.{k}": v for k, v in self.a.train.items()}}
-        cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in over.items()])
-        res = evolve(cfg, resume=os.path.exists(f"{run}/manifest.json"), progress=False)
-        targets = read_records(f"{run}/task/targets.jsonl", "target")
-        rounds = []
-        for r, m in enumerate(res["rounds"], 1):
-            rd = round_dir(run, r)
-            picks = read_records(f"{rd}/selection/selected.jsonl", "candidate")
-            rounds.append({"round": r, "accuracy": m.get("accuracy"),
-                           "pool": pool_rates(read_records(f"{rd}/clean.jsonl", "candidate"),
-                                              task),
-                           "selection": selection_quality(picks, targets, task)})
+        res, rounds = evolve_cell(over, task)
         return {"method": method, "base_accuracy": (res["base"] or {}).get("accuracy"),
                 "rounds": rounds}
 
@@ -314,7 +299,7 @@ class Bench:
     def proxy_features(self, data: dict, task: str) -> dict:
         """The pool's and targets' features under the trained proxy: the downstream cell's
         adapter when that layer kept it, else the same training again (same picks, same seed)."""
-        gen = os.path.basename(data["folder"]).split("-")[1]
+        gen = data["generator"]
         cell = f"down|{task}|{gen}|0.1|oracle_clean|{PROXY_SEED}"
         adapter = os.path.join(self.a.work, "downstream", task, gen, "0.1", "oracle_clean",
                                str(PROXY_SEED), "adapter")

@@ -45,7 +45,7 @@ def task_files(work: str, task: str, gen: str, pool_size: int) -> dict:
         prompts = eval_prompts(*(read_records(paths[name], kind) for name, kind in
                                  (("targets", "target"), ("dev", "mcq"), ("test", "mcq"))))
         clean_pool(paths["pool"], paths["clean"], prompts)
-    return {**paths, "folder": folder,
+    return {**paths, "folder": folder, "generator": gen,
             "pool_records": read_records(paths["clean"], "candidate"),
             "target_records": read_records(paths["targets"], "target")}
 
@@ -65,6 +65,29 @@ def oracle_rows(records: list[dict], method: str, task: str, ratio: float, seed:
             rows.append(i)
     k = budget(len(records), ratio=ratio)
     return np.random.default_rng(seed).choice(rows, size=min(k, len(rows)), replace=False)
+
+
+def evolve_cell(overrides: dict, task: str) -> tuple[dict, list[dict]]:
+    """Run ``evoray.evolve`` on a config of ``{"dotted.key": value}`` overrides (resumed when its
+    run folder holds a manifest) and score each round: ``(evolve's result, [{"round",
+    "accuracy", "pool": pool_rates, "selection": selection_quality}])``."""
+    from evoray.config import load_config
+    from evoray.data import read_records
+    from evoray.evolve import evolve, round_dir
+    from evoray.tasks.score import pool_rates, selection_quality
+
+    cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+    run = cfg.evolve.run_dir
+    res = evolve(cfg, resume=os.path.exists(f"{run}/manifest.json"), progress=False)
+    targets = read_records(f"{run}/task/targets.jsonl", "target")
+    rounds = []
+    for r, m in enumerate(res["rounds"], 1):
+        rd = round_dir(run, r)
+        picks = read_records(f"{rd}/selection/selected.jsonl", "candidate")
+        rounds.append({"round": r, "accuracy": m.get("accuracy"),
+                       "pool": pool_rates(read_records(f"{rd}/clean.jsonl", "candidate"), task),
+                       "selection": selection_quality(picks, targets, task)})
+    return res, rounds
 
 
 def train_cell(model: str, train: dict, folder: str, seed: int, test: str, threads: int) -> dict:

@@ -144,8 +144,7 @@ def select(G: np.ndarray, V: np.ndarray, k: int, *, method: str = "evoselect", s
     except ValueError as e:
         raise SelectError(f"{method}: {e}") from None
     t0 = time.perf_counter()
-    center = method == "evoselect" and params.get(
-        "center", inspect.signature(fn).parameters["center"].default)
+    center = sel.diagnostics["centered"] if method == "evoselect" else False
     near, cos = nearest_targets(Gk, Vk, sel.indices, center=center)
     sel.indices = rows_g[sel.indices]
     sel.explain["nearest_targets"] = rows_v[near]
