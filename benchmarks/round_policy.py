@@ -24,6 +24,13 @@ Every policy is then read off the same curves: a fixed number of epochs ``E``, a
 on the targets with patience ``p`` (:func:`evoray.train.early_stop.stop_epoch`). The table gives
 the dev accuracy of the adapter each policy keeps, mean ± s.d. over seeds, and the epochs kept.
 Cells go to ``benchmarks/results/round_policy.json`` as they finish (a rerun resumes).
+
+``--recipe gce`` trains with the generalized cross-entropy (``train.loss=gce``, q 0.7), which
+scales each token's gradient by the model's probability of its label, so labels the model comes
+to disagree with pull less. On the weak pool's on-task picks it did not help (2026-12-05, seeds 0
+and 1: dev .305 and .245 after 16 epochs against .300 and .275 with cross-entropy; the curves
+stay near chance throughout): the rule is not learnt early enough for the loss to tell the
+wrong letters from the right ones.
 """
 
 from __future__ import annotations
@@ -43,13 +50,15 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 SELECTIONS = ("oracle_on_task", "oracle_clean")
 FIXED = (2, 4, 6, 8, 10, 12, 16)
 PATIENCE = (1, 2, 3, 4)
+RECIPES = {"ce": {}, "gce": {"loss": "gce", "gce_q": 0.7}}  # --recipe: the training loss
 
 
-def cell_key(gen: str, selection: str, seed: int) -> str:
-    return f"policy|lookup|{gen}|{selection}|{seed}"
+def cell_key(gen: str, selection: str, seed: int, recipe: str = "ce") -> str:
+    return f"policy|lookup|{gen}|{selection}|{seed}" + ("" if recipe == "ce" else f"|{recipe}")
 
 
-def run_cell(work: str, model: str, gen: str, selection: str, seed: int, threads: int) -> dict:
+def run_cell(work: str, model: str, gen: str, selection: str, seed: int, threads: int,
+             recipe: str = "ce") -> dict:
     """One training (in a worker process) and its per-epoch dev and target scores."""
     import torch
 
@@ -62,7 +71,9 @@ def run_cell(work: str, model: str, gen: str, selection: str, seed: int, threads
     data = quality_cells.task_files(work, "lookup", gen, 2000)
     rows = quality_cells.oracle_rows(data["pool_records"], selection, "lookup", 0.1, seed)
     picks = [data["pool_records"][i] for i in rows]
-    folder = os.path.join(work, "round_policy", gen, selection, str(seed))
+    folder = os.path.join(work, "round_policy", gen, selection, str(seed)) + (
+        "" if recipe == "ce" else f"-{recipe}")
+    recipe_cfg = {**quality.TRAIN, **RECIPES[recipe]}
     os.makedirs(folder, exist_ok=True)
     write_records(picks, f"{folder}/selected.jsonl", "candidate")
     per_epoch = -(-len(picks) // quality.TRAIN["batch_size"])
@@ -80,13 +91,14 @@ def run_cell(work: str, model: str, gen: str, selection: str, seed: int, threads
               f"{m['accuracy']:.3f}, targets {t['accuracy']:.3f}", flush=True)
 
     try:
-        res = train(f"{folder}/selected.jsonl", model, cfg=TrainConfig(**quality.TRAIN, seed=seed),
+        res = train(f"{folder}/selected.jsonl", model, cfg=TrainConfig(**recipe_cfg, seed=seed),
                     out=f"{folder}/adapter", on_checkpoint=score)
     finally:
         keeper.cleanup()
     wrong = sum(r["response"] != r["meta"]["correct"] for r in picks) / len(picks)
     return {"gen": gen, "selection": selection, "seed": seed, "examples": res.n_examples,
-            "wrong_label": round(wrong, 4), "train": quality.TRAIN, "threads": threads,
+            "wrong_label": round(wrong, 4), "train": recipe_cfg, "recipe": recipe,
+            "threads": threads,
             "curve": curve}
 
 
@@ -112,11 +124,12 @@ def report(rows: dict) -> str:
            "Written by `benchmarks/round_policy.py` from `round_policy.json`.", ""]
     groups: dict[tuple, list[dict]] = {}
     for r in rows.values():
-        groups.setdefault((r["gen"], r["selection"]), []).append(r)
-    for (gen, sel), rs in sorted(groups.items()):
+        groups.setdefault((r["gen"], r["selection"], r.get("recipe", "ce")), []).append(r)
+    for (gen, sel, recipe), rs in sorted(groups.items()):
         rs.sort(key=lambda r: r["seed"])
         table = [policies(r["curve"]) for r in rs]
-        out += [f"### {gen} pool, {sel} (wrong labels: " + ", ".join(
+        loss = "" if recipe == "ce" else f", recipe {recipe} ({RECIPES[recipe]})"
+        out += [f"### {gen} pool, {sel}{loss} (wrong labels: " + ", ".join(
             f"{r['wrong_label']:.2f}" for r in rs) + ")", "",
             "| policy | mean ± s.d. | " + " | ".join(f"seed {r['seed']}" for r in rs) + " |",
             "|---" * (len(rs) + 2) + "|"]
@@ -147,6 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--work", default=os.path.join("runs", "quality"))
     ap.add_argument("--results", default=os.path.join(_HERE, "results", "round_policy.json"))
+    ap.add_argument("--recipe", choices=tuple(RECIPES), default="ce",
+                    help="training loss over quality.TRAIN: " + "; ".join(
+                        f"{k}: {v or 'as is'}" for k, v in RECIPES.items()))
     ap.add_argument("--report", action="store_true", help="only rewrite the table")
     a = ap.parse_args(argv)
     unknown = sorted(set(a.selections.split(",")) - set(SELECTIONS))
@@ -156,18 +172,19 @@ def main(argv: list[str] | None = None) -> None:
         ["python benchmarks/round_policy.py", *argv]) + f"  ({time.strftime('%Y-%m-%d')}, "
         f"{quality_cells.hardware()})")
     todo = [(g, s, int(seed)) for s in a.selections.split(",") for seed in a.seeds.split(",")
-            for g in a.generators.split(",") if cell_key(g, s, int(seed)) not in cells.rows]
+            for g in a.generators.split(",")
+            if cell_key(g, s, int(seed), a.recipe) not in cells.rows]
     md = a.results.replace(".json", ".md")
     if not a.report and todo:
         for g in sorted({g for g, _, _ in todo}):  # pools written before the workers start
             quality_cells.task_files(a.work, "lookup", g, 2000)
         ctx = multiprocessing.get_context("spawn")
         with cf.ProcessPoolExecutor(a.jobs, mp_context=ctx) as pool:
-            futures = {pool.submit(run_cell, a.work, a.model, g, s, seed, a.threads):
+            futures = {pool.submit(run_cell, a.work, a.model, g, s, seed, a.threads, a.recipe):
                        (g, s, seed) for g, s, seed in todo}
             for fut in cf.as_completed(futures):
                 g, s, seed = futures[fut]
-                cells.put(cell_key(g, s, seed), fut.result())
+                cells.put(cell_key(g, s, seed, a.recipe), fut.result())
                 with open(md, "w") as f:
                     f.write(report(cells.rows))
     with open(md, "w") as f:

@@ -151,6 +151,12 @@ class TrainConfig(_Stage):
         "error", "an example whose response does not fit max_length: fail naming it, or skip it "
         "(counted in the result)")
     max_grad_norm: float = _f(1.0, "gradient clipping; 0 = off")
+    loss: Literal["ce", "gce"] = _f(
+        "ce", "per-token loss on the response: cross-entropy, or the generalized cross-entropy "
+        "(1 - p^q) / q of Zhang & Sabuncu (2018), which weighs each token's gradient by p^q "
+        "(p: the model's probability of the label) so labels the model disagrees with pull less")
+    gce_q: float = _f(0.7, "q of loss=gce, in (0, 1]: 1 is mean absolute error, q -> 0 is "
+                           "cross-entropy")
     early_stop_patience: int = _f(
         0, "local mode: score each epoch's adapter on the multiple-choice targets (for stopping "
         "only, never trained on), stop after this many epochs without a better score and keep "
@@ -160,6 +166,7 @@ class TrainConfig(_Stage):
         self._require(self.lr > 0, "lr", "must be positive")
         self._require(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
         self._require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
+        self._require(0.0 < self.gce_q <= 1.0, "gce_q", "must be in (0, 1]")
         self._require(self.early_stop_patience >= 0, "early_stop_patience", "must be >= 0")
         self._require(not (self.early_stop_patience and self.num_workers), "early_stop_patience",
                       "needs local mode (num_workers=0)")

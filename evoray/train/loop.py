@@ -41,8 +41,8 @@ import torch
 from evoray.data.tokenize import Encoded, collate
 from evoray.models import response_logits
 
-__all__ = ["train_loop", "FAIL_ENV", "save_checkpoint", "optimizer_steps", "LocalSession",
-           "RaySession"]
+__all__ = ["train_loop", "response_loss", "FAIL_ENV", "save_checkpoint", "optimizer_steps",
+           "LocalSession", "RaySession"]
 
 FAIL_ENV = "EVORAY_TRAIN_FAIL_AT_STEP"  # tests: raise once at this step unless resumed
 
@@ -61,6 +61,18 @@ def _schedule(step: int, total: int, warmup: int, kind: str) -> float:
     if kind == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return max(0.0, 1.0 - progress)
+
+
+def response_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "ce",
+                  q: float = 0.7) -> torch.Tensor:
+    """The mean over response tokens of cross-entropy (``kind="ce"``) or of the generalized
+    cross-entropy ``(1 - p ** q) / q`` (``"gce"``), ``p`` the probability of each target token.
+    GCE's gradient is cross-entropy's times ``p ** q``: a token the model finds unlikely (a wrong
+    label, once the rule is partly learnt) pulls less than under cross-entropy."""
+    if kind == "ce":
+        return torch.nn.functional.cross_entropy(logits, target)
+    ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    return ((1.0 - torch.exp(-q * ce)) / q).mean()
 
 
 def _set_determinism(seed: int) -> None:
@@ -231,7 +243,7 @@ def _train(c: dict, session) -> None:
                 sync = j == len(group) - 1 or world == 1
                 with (contextlib.nullcontext() if sync else net.no_sync()), autocast:
                     logits, target, _, _ = response_logits(net, batch)
-                    loss = torch.nn.functional.cross_entropy(logits, target)
+                    loss = response_loss(logits, target, cfg.loss, cfg.gce_q)
                 (loss / len(group)).backward()
                 loss_sum += loss.item() / len(group)
                 samples += len(idx)
