@@ -35,7 +35,8 @@ stopped run resumes where it was; ``--force`` recomputes. The tables go to ``--o
   trained on the clean oracle's picks, seed ``PROXY_SEED``), every selector and EvoSelect with
   each setting changed in turn (``PROXY_ABLATIONS``, also run on the base proxy's features at
   ratio 0.1 in the quality layer) pick at ratio 0.1, and the AUC of right over wrong labels is
-  given for the selectors' scores.
+  given for the selectors' scores. ``ADAM_ROWS``: EvoSelect and attribution on candidate
+  gradients preconditioned with the trained proxy's Adam state (``features.adam``, as LESS does).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import time
 import numpy as np
 from quality_cells import Cells, evolve_cell, hardware, oracle_rows, task_files, train_cell
 from quality_report import (
+    ADAM_ROWS,
     GENERATORS,
     ORACLES,
     PROXY_ABLATIONS,
@@ -104,15 +106,18 @@ class Bench:
     def _task(self, task: str, gen: str) -> dict:
         return task_files(self.a.work, task, gen, self.a.pool_size)
 
-    def features(self, data: dict, adapter: str | None = None, tag: str = ""):
+    def features(self, data: dict, adapter: str | None = None, tag: str = "",
+                 adam: bool = False):
         """Features of pool and targets with the base model, or ``adapter``, as proxy (computed
-        once; reused from disk on a rerun)."""
-        key = data["folder"] + tag
+        once; reused from disk on a rerun); ``adam``: the pool's gradients preconditioned with
+        the adapter's Adam state (``features.adam``, as LESS does; targets stay plain)."""
+        key = data["folder"] + tag + ("-adam" if adam else "")
         if key not in self._features:
-            self._features[key] = self._featurize(data, adapter, tag)
+            self._features[key] = self._featurize(data, adapter, tag, adam)
         return self._features[key]
 
-    def _featurize(self, data: dict, adapter: str | None = None, tag: str = ""):
+    def _featurize(self, data: dict, adapter: str | None = None, tag: str = "",
+                   adam: bool = False):
         from evoray.config import FeaturesConfig
         from evoray.data.features import read_features
         from evoray.features.stage import featurize
@@ -120,8 +125,11 @@ class Bench:
         cfg = FeaturesConfig(**self.features_cfg, batch_size=16, num_actors=1, num_cpus=1.0)
         out = {}
         for name, kind in (("pool", "candidate"), ("targets", "target")):
+            state = adam and kind == "candidate"
             path = featurize(data[name], self.a.model, adapter, cfg, out=f"{data['folder']}/"
-                             f"features-{name}-{self.a.model}-{self.a.dim}{tag}", kind=kind)
+                             f"features-{name}-{self.a.model}-{self.a.dim}{tag}"
+                             + ("-adam" if state else ""), kind=kind,
+                             adam_state=f"{adapter}/adam_state.safetensors" if state else None)
             out[name] = read_features(path)
         # The raw pool is featurized (once per pool) and the rows of the candidates that
         # cleaning dropped are left out: a candidate's feature does not depend on the others
@@ -291,14 +299,15 @@ class Bench:
         outside every selector, the proxy's own loss on the candidate (lower = right)."""
         task, gen = self.a.evolution_task, "weak"
         data = self.task(task, gen)
-        for method in SELECTORS + tuple(PROXY_ABLATIONS):
+        for method in SELECTORS + tuple(PROXY_ABLATIONS) + tuple(ADAM_ROWS):
             self.cells.get(f"proxy|{task}|{gen}|0.1|{method}", self._proxy_cell, data, task,
                            method)
         self.cells.get(f"proxy-sep|{task}|{gen}", self._proxy_separation, data, task)
 
-    def proxy_features(self, data: dict, task: str) -> dict:
+    def proxy_features(self, data: dict, task: str, adam: bool = False) -> dict:
         """The pool's and targets' features under the trained proxy: the downstream cell's
-        adapter when that layer kept it, else the same training again (same picks, same seed)."""
+        adapter when that layer kept it, else the same training again (same picks, same seed);
+        ``adam``: candidates preconditioned with that training's Adam state."""
         gen = data["generator"]
         cell = f"down|{task}|{gen}|0.1|oracle_clean|{PROXY_SEED}"
         adapter = os.path.join(self.a.work, "downstream", task, gen, "0.1", "oracle_clean",
@@ -316,14 +325,16 @@ class Bench:
                     json.dump(m, f)
             with open(f"{folder}/proxy.json") as f:
                 trained = json.load(f)
-        return {**self.features(data, adapter, f"-oracle-clean-{PROXY_SEED}"),
+        return {**self.features(data, adapter, f"-oracle-clean-{PROXY_SEED}", adam),
                 "proxy": trained}
 
     def _proxy_cell(self, data: dict, task: str, method: str) -> dict:
         from evoray.tasks.score import selection_quality
 
-        f = self.proxy_features(data, task)
-        if method in PROXY_ABLATIONS:
+        f = self.proxy_features(data, task, adam=method in ADAM_ROWS)
+        if method in ADAM_ROWS:
+            rows, counts = self.pick(ADAM_ROWS[method], 0.1, 0, f, task)
+        elif method in PROXY_ABLATIONS:
             rows, counts = self.pick("evoselect", 0.1, 0, f, task, PROXY_ABLATIONS[method])
         else:
             rows, counts = self.pick(method, 0.1, 0, f, task)

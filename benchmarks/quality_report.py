@@ -30,6 +30,9 @@ PROXY_ABLATIONS = {
     "evoselect blocks=1 (align once, then diversify)": {"select.blocks": 1},
     "evoselect lam=0": {"select.lam": 0.0},
     "evoselect novelty_pcs=0": {"select.evoselect.novelty_pcs": 0}}
+# The trained-proxy layer only (the base proxy has no optimizer state): candidates' gradients
+# preconditioned with the trained proxy's Adam moments (``features.adam``, LESS), then the method.
+ADAM_ROWS = {"evoselect features.adam": "evoselect", "attribution features.adam": "attribution"}
 QUALITY_METRICS = (("off_task", "off-task share"), ("duplicate", "redundant duplicate share"),
                    ("near_duplicate_kind", "near-duplicate (kind) share"),
                    ("wrong_label", "wrong-label share"), ("unique_correct", "unique-correct share"),
@@ -107,8 +110,10 @@ def report(args, rows: dict) -> str:
                     + " |")
             out += lines + [""]
     out += downstream_tables(args, rows)
+    out += evolution_layer(args)
     if any(k.startswith("evo|") for k in rows):
-        out += ["## Evolution: 2 rounds of `evoray evolve` (ratio 0.1)", "",
+        out += ["## Evolution, first version: 2 rounds of `evoray evolve` (ratio 0.1, one seed, "
+                "the superseded 8-epoch recipe)", "",
                 f"Task {args.evolution_task}; round 2's proxy is the round-1 model.", "",
                 "| generator | method | round | test acc | wrong-label | pool base | "
                 "on-task base | off-task | duplicate | unique-correct | letter TV |",
@@ -241,7 +246,7 @@ def proxy_tables(args, rows: dict) -> list[str]:
                 f"{_fmt(sep['auc_neg_loss'])} |", "",
                 "| method | proxy | off-task | duplicate | wrong-label | unique-correct | "
                 "letter TV |", "|---|---|---:|---:|---:|---:|---:|"]
-        for method in SELECTORS + tuple(PROXY_ABLATIONS):
+        for method in SELECTORS + tuple(PROXY_ABLATIONS) + tuple(ADAM_ROWS):
             for proxy, k in (("base", f"quality|{task}|{gen}|0.1|{method}"),
                              ("trained", f"proxy|{task}|{gen}|0.1|{method}")):
                 if k in rows:
@@ -328,6 +333,19 @@ def write_report(args, rows: dict) -> None:
     text += "\n" + "\n".join(f"![{n}]({n})" for n in names) + "\n"
     with open(args.out, "w") as f:
         f.write(text)
+
+
+def evolution_layer(args) -> list[str]:
+    """The evolution layer (``evolution.json`` beside ``args.results``, written by
+    ``benchmarks/evolution.py``) as sections of this report; none when that file is absent."""
+    path = os.path.join(os.path.dirname(args.results) or ".",
+                        "evolution_quick.json" if args.quick else "evolution.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        body = evolution_report(json.load(f)["cells"]).splitlines()
+    return ["## Evolution layer: 3 rounds, each round's model the next one's proxy", "",
+            *[("#" + line if line.startswith("## ") else line) for line in body[2:]], ""]
 
 
 def evolution_report(rows: dict) -> str:
