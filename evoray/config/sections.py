@@ -51,7 +51,10 @@ class FeaturesConfig(_Stage):
         "(counted in the log and in meta.json)")
     proj_block_mb: float = _f(64.0, "size of one generated block of the projection matrix")
     proj_cache_mb: float = _f(2048.0, "keep projection blocks in memory up to this total; beyond, "
-                              "regenerate them for every batch (memory stays at one block)")
+                              "regenerate them for every pass (memory stays at one block)")
+    proj_batch_mb: float = _f(2048.0, "per-sample gradients held for one projection pass: each "
+                              "pass walks the whole projection matrix, so more rows a pass "
+                              "regenerate the uncached blocks less often (at least one batch)")
 
     def _check(self) -> None:
         self._require(self.dim is None or self.dim > 0, "dim", "must be positive")
@@ -66,6 +69,7 @@ class FeaturesConfig(_Stage):
         self._require(self.threads is None or self.threads > 0, "threads", "must be positive")
         self._require(self.proj_block_mb > 0, "proj_block_mb", "must be positive")
         self._require(self.proj_cache_mb >= 0, "proj_cache_mb", "must be >= 0")
+        self._require(self.proj_batch_mb > 0, "proj_batch_mb", "must be positive")
 
 
 @dataclass

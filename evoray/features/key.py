@@ -28,7 +28,7 @@ FEATURES_VERSION = 2
 
 # Settings that do not change a feature's value (only speed or placement).
 _NOT_HASHED = {"num_actors", "num_gpus", "num_cpus", "batch_size", "proj_block_mb",
-               "proj_cache_mb", "on_bad"}
+               "proj_cache_mb", "proj_batch_mb", "on_bad"}
 
 # Settings added after features were first cached: hashed only when not at their default, so
 # that features computed before they existed stay valid.

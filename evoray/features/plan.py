@@ -86,7 +86,8 @@ def batch_tokens(lengths: np.ndarray, batches: np.ndarray) -> int:
 
 
 def actor_memory(shape: dict, dim: int, *, on_gpu: bool, proj_cache_mb: float,
-                 proj_block_mb: float, tokens: int, rows: int, batch_size: int) -> int:
+                 proj_block_mb: float, tokens: int, rows: int, batch_size: int,
+                 proj_batch_mb: float = 0.0) -> int:
     """Bytes of host memory to declare to Ray as a feature actor's ``memory`` (a reservation the
     scheduler counts, not a limit): 1.25 times the expected peak, the headroom by which Ray Data
     judges a declaration (below it, it warns every 30 s while the actor runs, and at the end).
@@ -95,7 +96,8 @@ def actor_memory(shape: dict, dim: int, *, on_gpu: bool, proj_cache_mb: float,
     largest planned batch's padded token slots, ``rows`` the rows of one block. The peak: 1.25
     GiB for the worker process (Python, torch, Ray, tokenizer), the float32 weights, and on CPU the
     cached projection blocks (``4 · lora_params · dim`` bytes, at most ``proj_cache_mb``) plus
-    one block, the batch's per-sample LoRA gradients (``4 · lora_params · batch_size``), its
+    one block, the per-sample LoRA gradients of a projection pass (``4 · lora_params`` a row,
+    at most ``proj_batch_mb`` in all but at least a batch), its
     activations kept for the backward (``12 · vocab`` bytes a token slot: sized for the full
     logits with their log-softmax and gradient, which the gradients no longer compute since
     :func:`evoray.models.response_logits` asks for response positions only; the term, kept
@@ -115,5 +117,7 @@ def actor_memory(shape: dict, dim: int, *, on_gpu: bool, proj_cache_mb: float,
     peak = 1.25 * gib + 4 * shape["params"] + 100_000 * rows
     if not on_gpu:
         peak += min(proj_cache_mb * mib, 4 * shape["lora_params"] * dim) + proj_block_mb * mib
-        peak += 12 * shape["vocab"] * tokens + 4 * shape["lora_params"] * batch_size
+        held = max(4 * shape["lora_params"] * batch_size, min(proj_batch_mb * mib,
+                   4 * shape["lora_params"] * max(batch_size, rows)))
+        peak += 12 * shape["vocab"] * tokens + held
     return int(1.25 * peak)

@@ -30,6 +30,9 @@ __all__ = ["ROWS", "RademacherProjector"]
 
 ROWS = 32
 SEED_ROWS = 4096
+# _SIGNS[b] = the 8 entries (±1, most significant bit first) that random byte b stands for
+_SIGNS = torch.from_numpy(np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1)
+                          .astype(np.float32) * 2 - 1)
 
 
 class RademacherProjector:
@@ -57,22 +60,37 @@ class RademacherProjector:
         self._cache: dict[tuple[int, int], torch.Tensor] = {}
         self.peak_bytes = 0
         self.scale = 1.0 / math.sqrt(dim)
+        self._scratch: torch.Tensor | None = None  # memory of uncached blocks, reused
+        self._signs = _SIGNS.to(self.device)
 
     def _block(self, p: int, c: int, rows: int) -> torch.Tensor:
-        """The ±1 block ``c`` of parameter ``p`` (``rows × dim`` float32)."""
+        """The ±1 block ``c`` of parameter ``p`` (``rows × dim`` float32).
+
+        Each random byte becomes its 8 signs through a 256-row table (:data:`_SIGNS`, most
+        significant bit first, as ``np.unpackbits``), in one pass: 1.6 ms a 16 MiB chunk against
+        4.7 ms for unpacking the bits and converting them in three passes (2 cores). With a
+        trained adapter on every projection the matrix is far larger than the cache (SmolLM2:
+        4.9M gradient entries, 20 GB at dim 1024), so this runs for most blocks of every pass."""
         block = self._cache.get((p, c))
         if block is None:
+            cache = self.cached_bytes + 4 * rows * self.dim <= self.cache_bytes
+            if not cache and self._scratch is None:
+                self._scratch = torch.empty(self.block_rows, self.dim, device=self.device)
+            block = (torch.empty(rows, self.dim, device=self.device) if cache
+                     else self._scratch[:rows])
+            flat = block.view(-1)
             first = c * self.block_rows // SEED_ROWS
-            parts = []
             for s in range(first, first + -(-rows // SEED_ROWS)):
                 rng = np.random.Generator(np.random.PCG64([self.seed, p, s]))
-                n = min(SEED_ROWS, c * self.block_rows + rows - s * SEED_ROWS)
-                parts.append(np.unpackbits(np.frombuffer(rng.bytes(SEED_ROWS * self.dim // 8),
-                                                         np.uint8))[:n * self.dim])
-            bits = np.concatenate(parts) if len(parts) > 1 else parts[0]
-            block = torch.from_numpy(bits.reshape(rows, self.dim))
-            block = block.to(self.device, torch.float32).mul_(2).sub_(1)
-            if self.cached_bytes + 4 * block.numel() <= self.cache_bytes:
+                n = min(SEED_ROWS, c * self.block_rows + rows - s * SEED_ROWS) * self.dim
+                codes = np.frombuffer(rng.bytes(SEED_ROWS * self.dim // 8), np.uint8)
+                codes = torch.from_numpy(codes[:-(-n // 8)].astype(np.int32)).to(self.device)
+                at = (s - first) * SEED_ROWS * self.dim
+                if n % 8:
+                    flat[at:at + n] = self._signs[codes].view(-1)[:n]
+                else:
+                    torch.index_select(self._signs, 0, codes, out=flat[at:at + n].view(-1, 8))
+            if cache:
                 self._cache[(p, c)] = block
                 self.cached_bytes += 4 * block.numel()
             else:

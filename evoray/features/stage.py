@@ -80,17 +80,26 @@ class FeatureActor:
         self.pad = pad_token_id
 
     def __call__(self, block: dict) -> pa.Table:
-        """The features of a block's rows: whole planned batches, one forward/backward each."""
+        """The features of a block's rows: whole planned batches, one forward/backward each,
+        projected in passes of several batches (:meth:`FeatureExtractor.many`)."""
         if not len(block["batch"]):  # a sort may leave a block empty
             dtype = np.float16 if self.cfg.dtype == "float16" else np.float32
             return self._table([], [], np.zeros((0, self.extractor.dim), dtype), [], [])
         order = np.argsort(block["batch"], kind="stable")  # one pass, not a mask per batch
         block = {k: v[order] for k, v in block.items()}
         cuts = np.flatnonzero(np.diff(block["batch"])) + 1
-        return pa.concat_tables([self._batch({k: v[a:b] for k, v in block.items()})
-                                 for a, b in zip([0, *cuts], [*cuts, len(order)], strict=True)])
+        groups = [self._batch({k: v[a:b] for k, v in block.items()})
+                  for a, b in zip([0, *cuts], [*cuts, len(order)], strict=True)]
+        results = self.extractor.many((batch, ids) for batch, ids, _ in groups)
+        tables = []
+        for (_, ids, rows), (feats, norms, losses) in zip(groups, results, strict=True):
+            if self.cfg.dtype == "float16":
+                feats = feats.astype(np.float16)
+            tables.append(self._table(ids, rows, feats, norms, losses))
+        return pa.concat_tables(tables)
 
-    def _batch(self, group: dict) -> pa.Table:
+    def _batch(self, group: dict):
+        """One planned batch as model inputs: ``(batch, ids, rows)``."""
         import torch
 
         order = np.argsort(group["slot"], kind="stable")  # within-batch order fixed by content
@@ -105,11 +114,7 @@ class FeatureActor:
             input_ids[n, :len(s)] = torch.from_numpy(s)
             mask[n, :len(s)] = 1
             labels[n, n_ctx[n]:len(s)] = torch.from_numpy(s[n_ctx[n]:])
-        feats, norms, losses = self.extractor(
-            {"input_ids": input_ids, "attention_mask": mask, "labels": labels}, ids=ids)
-        if self.cfg.dtype == "float16":
-            feats = feats.astype(np.float16)
-        return self._table(ids, rows, feats, norms, losses)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}, ids, rows
 
     def _table(self, ids, rows, feats, norms, losses) -> pa.Table:
         table = features_table(ids, rows, feats, norms, losses)
@@ -296,7 +301,7 @@ def _actor_memory(shape: dict, dim: int, cfg: FeaturesConfig, tokens: int, rows:
 
     want = actor_memory(shape, dim, on_gpu=cfg.num_gpus > 0, proj_cache_mb=cfg.proj_cache_mb,
                         proj_block_mb=cfg.proj_block_mb, tokens=tokens, rows=rows,
-                        batch_size=cfg.batch_size)
+                        batch_size=cfg.batch_size, proj_batch_mb=cfg.proj_batch_mb)
     have = ray.cluster_resources().get("memory", 0) / cfg.num_actors
     if have and want > have:
         log.warning("features: each of %d actor(s) may use about %.1f GiB; the cluster has "

@@ -174,6 +174,26 @@ def test_projection_is_seeded_and_blockwise():
     assert torch.equal(small.project([None, g[1], g[2]]), small.project(z))
 
 
+def test_projection_matrix_is_the_seeded_bits():
+    """R, read back by projecting unit vectors, is the documented stream: chunk c of parameter p's
+    rows is PCG64((seed, p, c))'s bytes unpacked most significant bit first, 1 -> +1, 0 -> -1;
+    a dim that is not a multiple of 8 and a last chunk shorter than 4096 rows included."""
+    sizes, dim, seed = [5000, 3], 12, 4
+    proj = RademacherProjector(sizes, dim, seed=seed, block_mb=0.01, cache_mb=0.1)
+    for p, size in enumerate(sizes):
+        chunks = []
+        for c in range(-(-size // 4096)):
+            n = min(4096, size - 4096 * c)
+            raw = np.random.Generator(np.random.PCG64([seed, p, c])).bytes(4096 * dim // 8)
+            bits = np.unpackbits(np.frombuffer(raw, np.uint8))[:n * dim]
+            chunks.append(bits.reshape(n, dim).astype(np.float32) * 2 - 1)
+        expected = np.concatenate(chunks) / np.sqrt(dim)
+        eye = [torch.eye(size) if q == p else None for q in range(len(sizes))]
+        got = proj.project(eye).numpy()
+        assert np.allclose(got, expected, rtol=0, atol=1e-7)
+        assert np.array_equal(np.sign(got), np.sign(expected))
+
+
 def test_projection_of_a_sample_does_not_depend_on_its_batch():
     sizes = [20_000]
     g = torch.randn(11, 20_000, generator=torch.Generator().manual_seed(0))
@@ -182,6 +202,23 @@ def test_projection_of_a_sample_does_not_depend_on_its_batch():
     for batch in (g, g[:5], g[3:], g[[7, 3]]):
         row = {11: 3, 5: 3, 8: 0, 2: 1}[len(batch)]
         assert torch.equal(proj.project([batch])[row], alone[0])
+
+
+def test_projection_passes_do_not_change_features(tmp_path):
+    """FeatureExtractor.many projects several batches in one pass: a trained adapter's features
+    are bit-identical to one batch at a time, for passes of one batch, two, and all."""
+    adapter = _trained_adapter("tiny-llama", tmp_path)
+    base, tok = load_model("tiny-llama")
+    batches = [(_batch(tok, n), [f"b{i}-{j}" for j in range(n)]) for i, n in enumerate((3, 5, 2))]
+    one = FeatureExtractor(base, tok, FeaturesConfig(dim=64), adapter=adapter)
+    alone = [one(b, ids=ids) for b, ids in batches]
+    row_mb = 4 * sum(one.grads.sizes) / 2**20
+    for mb, rows in ((row_mb, 1), (6 * row_mb, 6), (2048, None)):
+        ext = FeatureExtractor(load_model("tiny-llama")[0], tok,
+                               FeaturesConfig(dim=64, proj_batch_mb=mb), adapter=adapter)
+        assert not ext.a_skipped and (rows is None or ext.pass_rows == rows)
+        for got, want in zip(ext.many(batches), alone, strict=True):
+            assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
 
 
 def test_non_finite_loss_names_the_sample():
