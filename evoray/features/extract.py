@@ -68,7 +68,7 @@ class FeatureExtractor:
         return self.grads.a_skipped and self.adam is None and not self.reference
 
     @property
-    def pass_rows(self) -> int:
+    def proj_rows(self) -> int:
         """Most rows a projection pass holds gradients for: ``proj_batch_mb`` over a row's
         gradient bytes, rounded down to whole groups of ``ROWS`` (a pass that ends mid-group
         pads it), at least one batch whatever its size."""
@@ -89,11 +89,11 @@ class FeatureExtractor:
 
     def many(self, batches):
         """:meth:`__call__` for each ``(batch, ids)`` of ``batches``, gradients projected in
-        passes of whole batches holding at most :attr:`pass_rows` rows (one batch if larger)."""
+        passes of whole batches holding at most :attr:`proj_rows` rows (one batch if larger)."""
         out, pending, held = [], [], 0
         for batch, ids in batches:
             n = batch["input_ids"].shape[0]
-            if pending and held + n > self.pass_rows:
+            if pending and held + n > self.proj_rows:
                 out += self._project(pending)
                 pending, held = [], 0
             pending.append(self._gradients(batch, ids))

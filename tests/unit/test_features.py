@@ -216,7 +216,7 @@ def test_projection_passes_do_not_change_features(tmp_path):
     for mb, rows in ((row_mb, 1), (6 * row_mb, 6), (2048, None)):
         ext = FeatureExtractor(load_model("tiny-llama")[0], tok,
                                FeaturesConfig(dim=64, proj_batch_mb=mb), adapter=adapter)
-        assert not ext.a_skipped and (rows is None or ext.pass_rows == rows)
+        assert not ext.a_skipped and (rows is None or ext.proj_rows == rows)
         for got, want in zip(ext.many(batches), alone, strict=True):
             assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
 
