@@ -115,3 +115,35 @@ def test_lava_skips_candidates_without_potential():
     fin = f[[0, 2, 3]]
     assert np.isinf(out[1])
     np.testing.assert_allclose(out[[0, 2, 3]], 1.5 * fin - fin.sum() / 2)
+
+
+def test_parts_split_the_candidates_and_solve_the_same_problem():
+    """Three parts holding column blocks of C (what the sharded backend's actors hold) give the
+    one-part solver's potentials, masses and carried mass, block after block."""
+    from evoray.select.ot import LocalParts, OTPart
+
+    C = problem(n=400, m=25)
+    m, n = C.shape
+    spans = [(0, 90), (90, 250), (250, n)]
+    parts = [OTPart(np.ascontiguousarray(C[:, s:e]), None, e - s, eps=0.01, tau=0.01,
+                    dtype="float64") for s, e in spans]
+    split = SemiRelaxedOT(None, None, n, eps=0.01, tau=0.01, tol=1e-10, m=m,
+                          parts=LocalParts(parts))
+    whole = SemiRelaxedOT(C, None, n, eps=0.01, tau=0.01, tol=1e-10)
+    a, b = np.full(n, 1 / n), np.full(m, 1 / m)
+    for picked in (np.array([3, 100, 260]), np.array([5, 399])):
+        whole.solve(b, a)
+        for p, (s, e) in zip(parts, spans, strict=True):
+            p.a = a[s:e].copy()
+        res_split = split.solve(b)
+        assert res_split.converged and res_split.marginal_err < 1e-6
+        np.testing.assert_allclose(split.mass(), whole.mass(), rtol=1e-7, atol=1e-15)
+        np.testing.assert_allclose(split.potentials()[1], whole.potentials()[1], rtol=1e-7)
+        carried = b * sum(p.carried(picked[(picked >= s) & (picked < e)] - s)
+                          for p, (s, e) in zip(parts, spans, strict=True))
+        np.testing.assert_allclose(carried, whole.carried(picked), rtol=1e-7, atol=1e-15)
+        a = a.copy()
+        a[picked] = 0
+        a[a > 0] = 1 / np.count_nonzero(a)
+        b = np.maximum(b - carried, 1e-3 / m)
+        b /= b.sum()
