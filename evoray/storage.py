@@ -13,8 +13,8 @@ import pyarrow.fs as pafs
 
 from evoray.errors import RecordError
 
-__all__ = ["resolve", "exists", "read_bytes", "atomic_write_bytes", "with_path", "temporaries",
-           "remove_temporaries"]
+__all__ = ["resolve", "exists", "read_bytes", "atomic_write", "atomic_write_bytes", "with_path",
+           "temporaries", "remove_temporaries"]
 
 log = logging.getLogger(__name__)
 TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{8}$")  # the temporary names of the atomic writers here
@@ -55,6 +55,12 @@ def with_path(e: BaseException, path: str) -> BaseException:
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to a temporary name beside ``path``, then rename it to ``path``."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write(path: str, write) -> None:
+    """Call ``write(stream)`` on a file at a temporary name beside ``path``, then rename it to
+    ``path`` (a file written piece by piece, never held whole in memory)."""
     fs, p = resolve(path)
     parent = os.path.dirname(p)
     if parent:
@@ -62,7 +68,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with fs.open_output_stream(tmp) as f:
-            f.write(data)
+            write(f)
         fs.move(tmp, p)
     except BaseException as e:
         if fs.get_file_info(tmp).type != pafs.FileType.NotFound:

@@ -31,8 +31,8 @@ import pyarrow.parquet as pq
 from evoray.errors import RecordError
 from evoray.storage import resolve, with_path
 
-__all__ = ["Features", "META_FILE", "features_table", "read_features", "read_features_meta",
-           "write_features"]
+__all__ = ["Features", "META_FILE", "features_files", "features_table", "read_features",
+           "read_features_meta", "write_features"]
 
 META_FILE = "meta.json"
 DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
@@ -140,7 +140,9 @@ def _fill_and_move(fs: pafs.FileSystem, p: str, tmp: str, fill) -> None:
             fs.copy_file(f, p + f[len(tmp):])
 
 
-def _parquet_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
+def features_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The filesystem and the Parquet files (sorted, paths within it) of a features folder or
+    file."""
     fs, p = resolve(path)
     info = fs.get_file_info(p)
     if info.type == pafs.FileType.NotFound:
@@ -187,7 +189,7 @@ def read_features(path: str, dtype: str | None = None) -> Features:
             not a fixed-size list of floats, files of different dims, NaN/inf features or
             duplicate ids/rows.
     """
-    fs, files = _parquet_files(path)
+    fs, files = features_files(path)
     metas = [_metadata(f, fs) for f in files]
     n = sum(m.num_rows for m in metas)
     if n == 0:

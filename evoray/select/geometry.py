@@ -16,7 +16,8 @@ import faiss
 import numpy as np
 
 __all__ = ["BLOCK_ROWS", "CENTERINGS", "ResidualRows", "UnitRows", "blocks", "centering",
-           "inverse_norms", "ivf_index", "knn", "mean_rows", "principal_directions", "unit"]
+           "inverse_norms", "ivf_index", "knn", "mean_rows", "principal_directions", "sum_rows",
+           "unit"]
 
 BLOCK_ROWS = 8192  # rows per block: 32 MiB of float32 at d = 1024
 
@@ -48,9 +49,11 @@ class UnitRows:
             ``"unit_mean"``: every row is normalised first and ``mu`` is the mean of the
             normalised rows, so that each candidate counts once in it whatever its gradient
             norm; ``"none"`` (or False): no centring.
+        mu: the centre to use instead of ``G``'s own (a shard centres by its pool's centre).
     """
 
-    def __init__(self, G: np.ndarray, *, center: bool | str = False):
+    def __init__(self, G: np.ndarray, *, center: bool | str = False,
+                 mu: np.ndarray | None = None):
         self.G = G
         self.center = centering(center)
         self.inv_pre = None  # unit_mean: 1 / ‖g_i‖, applied before centring
@@ -58,7 +61,7 @@ class UnitRows:
             self.inv_pre = inverse_norms(G)
         self.mu = None
         if self.center != "none":
-            self.mu = mean_rows(G, self.inv_pre)
+            self.mu = mean_rows(G, self.inv_pre) if mu is None else np.asarray(mu, np.float32)
         self.inv_norm = np.empty(len(G), np.float32)
         for s, e in blocks(len(G)):
             x = self._raw(s, e)
@@ -192,16 +195,21 @@ def inverse_norms(G: np.ndarray) -> np.ndarray:
     return out
 
 
-def mean_rows(G: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
-    """Mean row of ``G`` (N, d), each row multiplied by ``scale[i]`` first when given,
-    accumulated in float64 by blocks; returned as float32."""
+def sum_rows(G: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+    """Sum of the rows of ``G`` (N, d), each multiplied by ``scale[i]`` first when given,
+    accumulated in float64 by blocks."""
     total = np.zeros(G.shape[1], np.float64)
     for s, e in blocks(len(G)):
         if scale is None:
             total += G[s:e].sum(axis=0, dtype=np.float64)
         else:
             total += (G[s:e].astype(np.float64) * scale[s:e, None]).sum(axis=0)
-    return (total / len(G)).astype(np.float32)
+    return total
+
+
+def mean_rows(G: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+    """Mean row of ``G`` (N, d) (:func:`sum_rows` over N), returned as float32."""
+    return (sum_rows(G, scale) / len(G)).astype(np.float32)
 
 
 def knn(Q: np.ndarray, base: UnitRows, k: int, *, metric: str = "ip",

@@ -128,8 +128,12 @@ def content_keys(pool: str, ids: np.ndarray) -> np.ndarray:
     return np.array([keys[str(i)] for i in ids], np.uint64)
 
 
-def pool_records(pool: str, sel: Selection, ids: np.ndarray) -> list[dict]:
+def pool_records(pool: str, sel: Selection, ids: np.ndarray,
+                 n_features: int | None = None) -> list[dict]:
     """The selected candidate records of ``pool``, validated, in rank order.
+
+    ``n_features``: the number of candidates with features when ``ids`` holds only some of them
+    (the sharded backend passes the picks' ids).
 
     Raises:
         SelectError: when feature ids are missing from the pool (names the first few). Pool
@@ -138,7 +142,7 @@ def pool_records(pool: str, sel: Selection, ids: np.ndarray) -> list[dict]:
     chosen = [str(x) for x in np.asarray(ids)[sel.indices]]
     found, all_ids = _pool_rows(pool, set(chosen))
     _check_ids(pool, ids, all_ids)
-    extra = len(all_ids) - len(ids)
+    extra = len(all_ids) - (len(ids) if n_features is None else n_features)
     if extra > 0:
         log.warning("%d pool records have no features and could not be selected", extra)
     return validate_records([found[i] for i in chosen], "candidate", path=pool, unit="row")
@@ -191,11 +195,18 @@ def select_files(cfg, features: str, targets: str, out: str, *, pool: str | None
 
     With ``pool``, the seeded selectors draw over the candidates in the order of their content
     (:func:`content_keys`), so the selected records depend on the pool's content only, never on
-    its order, ids or meta. Without it they draw over the rows of the feature files."""
+    its order, ids or meta. Without it they draw over the rows of the feature files.
+
+    ``cfg.backend == "sharded"``: :func:`evoray.select.sharded.select_sharded` (the third value
+    is then the sharded pool, whose ``len`` is the number of candidates)."""
     import time
 
     from evoray.data.features import read_features
 
+    if getattr(cfg, "backend", "local") == "sharded":
+        from evoray.select.sharded import select_sharded
+
+        return select_sharded(cfg, features, targets, out, pool=pool, dtype=dtype, extra=extra)
     t0 = time.perf_counter()
     feats = read_features(features, dtype=dtype)
     tfeats = read_features(targets, dtype=dtype)

@@ -165,7 +165,7 @@ class OTPart:
 
     def log_f(self, g: np.ndarray, log_b: np.ndarray) -> None:
         """The f-step in the log domain for the new potentials ``g``, then rebuild ``K``."""
-        self.g = g
+        self.g = np.array(g)  # a copy: a Ray argument is read-only
         with np.errstate(invalid="ignore"):
             lse = self._lse_candidates(g + self.eps * log_b)
         self.f = np.where(np.isfinite(lse), -self.fi * self.eps * lse, 0.0)
@@ -196,7 +196,7 @@ class OTPart:
         with np.errstate(divide="ignore"):
             f = self.f + self.eps * np.log(self.u)
         self.f = np.where(np.isfinite(f), f, 0.0)
-        self.g = g
+        self.g = np.array(g)
         self.u = np.ones(self.n)
         self._rebuild()
 
@@ -301,9 +301,9 @@ class SemiRelaxedOT:
     def _log_step(self, log_b: np.ndarray) -> None:
         """One exact g-step and f-step in the log domain (the parts rebuild their kernels)."""
         lse = self.parts.call("lse_targets")
-        out = torch.from_numpy(lse[0])
+        out = torch.from_numpy(np.array(lse[0]))
         for x in lse[1:]:
-            out = torch.logaddexp(out, torch.from_numpy(x))
+            out = torch.logaddexp(out, torch.from_numpy(np.array(x)))
         g = -self.eps * out.numpy()
         self.g = np.where(np.isfinite(g), g, 0.0)
         self.parts.call("log_f", self.g, log_b)

@@ -8,7 +8,7 @@ import numpy as np
 
 from evoray.select.geometry import UnitRows, blocks
 
-__all__ = ["Selection", "nearest_targets"]
+__all__ = ["Selection", "nearest_in", "nearest_targets"]
 
 
 @dataclass
@@ -58,13 +58,20 @@ def nearest_targets(G: np.ndarray, V: np.ndarray, picks: np.ndarray, *, n: int =
         ``(rows, cos)``, both (k, min(n, M)): target rows and their cosines.
     """
     U = UnitRows(G, center=center)
-    Vh = U.targets(V)
-    n = min(n, len(V))
+    return nearest_in(U, U.targets(V), picks, n=n)
+
+
+def nearest_in(U, Vh: np.ndarray, picks: np.ndarray, *, n: int = 3
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`nearest_targets` for rows read through ``U.take`` (a
+    :class:`~evoray.select.geometry.UnitRows` or a sharded pool) and targets ``Vh`` already in
+    the same geometry."""
+    n = min(n, len(Vh))
     rows = np.empty((len(picks), n), np.int64)
     cos = np.empty((len(picks), n), np.float32)
     for s, e in blocks(len(picks)):
         S = U.take(picks[s:e]) @ Vh.T
-        top = np.argpartition(-S, n - 1, axis=1)[:, :n] if n < len(V) else \
+        top = np.argpartition(-S, n - 1, axis=1)[:, :n] if n < len(Vh) else \
             np.tile(np.arange(n), (e - s, 1))
         sims = np.take_along_axis(S, top, 1)
         order = np.lexsort((top, -sims), axis=1)

@@ -1,0 +1,187 @@
+"""One shard of a sharded selection: the candidates of some features files, held by a Ray actor.
+
+:class:`FeatureShard` is a plain class; :mod:`evoray.select.sharded` runs one per actor
+(``ray.remote(FeatureShard)``) and drives them. A shard keeps its candidates' features (as stored,
+float16 or float32), their geometry (:class:`~evoray.select.geometry.UnitRows` with the pool's
+centre, computed from every shard's sums), its part of a dense OT
+(:class:`~evoray.select.ot.OTPart`), its novelty space (a dense matrix or a faiss IVF index over
+its own rows) and its side of the greedy state: novelty, alive flags and the order of its alive
+candidates by alignment, handed to the driver a chunk at a time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from evoray.select.geometry import ResidualRows, UnitRows, inverse_norms, ivf_index, knn, sum_rows
+from evoray.select.ot import OTPart
+
+__all__ = ["FeatureShard"]
+
+
+class FeatureShard:
+    """The candidates of ``files`` (features Parquet files), rows of zero norm dropped.
+
+    Args:
+        files: the shard's features files.
+        dtype: ``"float32"`` or ``"float16"`` to convert while reading (default: as stored).
+    """
+
+    def __init__(self, files: list[str], dtype: str | None = None):
+        from evoray.data.features import read_features
+
+        parts = [read_features(f, dtype=dtype) for f in files]
+        G = parts[0].X if len(parts) == 1 else np.concatenate([p.X for p in parts])
+        ids = np.concatenate([p.ids for p in parts])
+        rows = np.concatenate([p.rows for p in parts])
+        keep = np.abs(G).max(axis=1) > 0 if len(G) else np.zeros(0, bool)
+        self.dropped = int((~keep).sum())
+        self.G, self.ids, self.rows = (G, ids, rows) if keep.all() else \
+            (G[keep], ids[keep], rows[keep])
+        self.part: OTPart | None = None
+
+    def pool_rows(self) -> tuple[np.ndarray, int, int]:
+        """``(rows, dropped, dim)``: each candidate's position in its pool file."""
+        return self.rows, self.dropped, int(self.G.shape[1])
+
+    def place(self, gpos: np.ndarray) -> None:
+        """Take each candidate's global position (``gpos[i]`` for ``pool_rows()[0][i]``) and
+        reorder the shard by it, so that local order is global order."""
+        order = np.argsort(gpos, kind="stable")
+        self.gpos = np.asarray(gpos, np.int64)[order]
+        if not (order == np.arange(len(order))).all():
+            self.G, self.ids, self.rows = self.G[order], self.ids[order], self.rows[order]
+        n = len(self.G)
+        self.alive = np.ones(n, bool)
+        self.novelty = np.ones(n, np.float32)
+        self.first_align = None
+        self.pending: tuple[np.ndarray, np.ndarray] | None = None
+
+    # ---- geometry ------------------------------------------------------------------------------
+    def centre_sum(self, center: str) -> np.ndarray:
+        """Sum (float64) of the rows the pool's centre averages: raw rows (``mean``) or
+        normalised ones (``unit_mean``)."""
+        return sum_rows(self.G, inverse_norms(self.G) if center == "unit_mean" else None)
+
+    def geometry(self, center: str, mu: np.ndarray | None) -> None:
+        self.U = UnitRows(self.G, center=center, mu=mu)
+
+    def take(self, gpos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised rows of the candidates at global positions ``gpos`` held here:
+        ``(which of gpos were found, rows)``."""
+        found, local = self.locate(gpos)
+        return found, self.U.take(local)
+
+    def raw(self, local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, features as stored)`` of local rows."""
+        return self.ids[local], np.asarray(self.G[local])
+
+    # ---- alignment ----------------------------------------------------------------------------
+    def attribution_top(self, means: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+        """The shard's k best LESS scores (``max_t ⟨ĝ_i, mean_t⟩``, no centring), ties by
+        global position: ``(scores, gpos, local)``."""
+        scores = np.empty(len(self.G), np.float32)
+        for s, X in UnitRows(self.G).iter():
+            scores[s:s + len(X)] = (X @ means.T).max(axis=1)
+        top = np.lexsort((self.gpos, -scores))[:k]
+        return scores[top], self.gpos[top], top
+
+    def dense_cost(self, Vh: np.ndarray, n_total: int, eps: float, tau: float,
+                   dtype: str) -> None:
+        """Hold this shard's columns of the dense cost as an OT part (reference 1/N)."""
+        C = np.empty((len(Vh), len(self.G)), np.float32)
+        for s, X in self.U.iter():
+            C[:, s:s + len(X)] = (1.0 - Vh @ X.T) / 2
+        self.part = OTPart(C, None, len(self.G), eps=eps, tau=tau, dtype=dtype)
+        self.part.a[:] = 1.0 / n_total
+
+    def knn(self, Vh: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each target's k nearest candidates here: ``(cosines, gpos, local)``, each (M, k')."""
+        sims, idx = knn(Vh, self.U, min(k, len(self.G)))
+        return sims, self.gpos[idx], idx
+
+    def ot(self, name: str, *args):
+        """Call the OT part's method ``name``."""
+        return getattr(self.part, name)(*args)
+
+    def set_alignment(self, n_alive: int, min_share: float, b: np.ndarray | None = None,
+                      listed: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """This block's alignment: the OT mass from the part (``b``: dense) or the driver's
+        masses of listed candidates (``listed`` = (local, mass): sparse), −inf below
+        ``min_share`` of a uniform share; neither: −inf everywhere (no target left)."""
+        if b is not None:
+            mass = self.part.mass(b)
+        else:
+            mass = np.zeros(len(self.G))
+            if listed is not None:
+                mass[listed[0]] = listed[1]
+        align = np.where(mass * n_alive < min_share, -np.inf, mass)
+        if b is None and listed is None:
+            align = np.full(len(self.G), -np.inf)
+        if self.first_align is None:
+            self.first_align = align
+        alive = np.flatnonzero(self.alive)
+        self.order = alive[np.lexsort((alive, -align[alive]))]
+        self.align, self.cursor = align, 0
+
+    # ---- greedy diversification ---------------------------------------------------------------
+    def novelty_space(self, P: np.ndarray | None, dense: bool, nlist: int | None, nprobe: int,
+                      codec: str, seed: int) -> None:
+        space = ResidualRows(self.U, P) if P is not None else self.U
+        self.space = space
+        self.X = space.dense() if dense else None
+        self.index = None if dense else ivf_index(space, nlist=nlist, nprobe=nprobe,
+                                                  codec=codec, seed=seed)
+
+    def _apply(self, pending) -> None:
+        """The driver's novelty updates ``(local, new)`` from the last pick."""
+        if pending is not None and len(pending[0]):
+            self.novelty[pending[0]] = pending[1]
+
+    def chunk(self, size: int, pending=None) -> tuple[np.ndarray, ...]:
+        """The next ``size`` alive candidates in alignment order: ``(align, gpos, local,
+        novelty)``; fewer at the end."""
+        self._apply(pending)
+        sl = self.order[self.cursor:self.cursor + size]
+        self.cursor += len(sl)
+        return self.align[sl], self.gpos[sl], sl, self.novelty[sl]
+
+    def vector(self, local: int) -> np.ndarray:
+        """A candidate's row in the novelty space."""
+        return self.space.take(np.array([local]))[0]
+
+    def neighbours(self, x: np.ndarray, picked: int, k: int, pending=None) -> tuple:
+        """Mark local row ``picked`` selected (−1: none here), then the candidates whose novelty
+        the pick ``x`` may lower: the k nearest here (IVF), or every alive row that it lowers
+        (dense). Returns ``(cos, gpos, local, novelty, alive)``."""
+        self._apply(pending)
+        if picked >= 0:
+            self.alive[picked] = False
+        if self.X is not None:
+            cos = self.X @ x
+            rows = np.flatnonzero(self.alive & ((1.0 - cos).astype(np.float32) < self.novelty))
+            cos = cos[rows]
+        else:
+            D, idx = self.index.search(x[None, :].astype(np.float32), min(k, len(self.G)))
+            found = idx[0] >= 0
+            rows, cos = idx[0][found], D[0][found]
+        return cos, self.gpos[rows], rows, self.novelty[rows], self.alive[rows]
+
+    def scores(self, pending=None) -> pa.Table:
+        """One row per candidate: ``id``, ``selected``, ``alignment`` (first block), ``novelty``
+        (after the last pick), for ``scores.parquet``."""
+        self._apply(pending)
+        align = self.first_align if self.first_align is not None else np.full(len(self.G), np.nan)
+        return pa.table({"id": pa.array(self.ids.astype(str), pa.string()),
+                         "selected": pa.array(~self.alive),
+                         "alignment": pa.array(align.astype(np.float64)),
+                         "novelty": pa.array(self.novelty.astype(np.float64))})
+
+    def locate(self, gpos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(which of gpos are held here, their local rows)``."""
+        if not len(self.gpos):
+            return np.zeros(len(gpos), bool), np.empty(0, np.int64)
+        local = np.minimum(np.searchsorted(self.gpos, gpos), len(self.gpos) - 1)
+        found = self.gpos[local] == gpos
+        return found, local[found]

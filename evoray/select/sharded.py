@@ -1,0 +1,260 @@
+"""Sharded selection on Ray (``select.backend: sharded``): the features stay in actors.
+
+The local backend reads every feature onto the driver (1M × 1024 float16 is 2 GiB; 10M at
+d = 8192 fits on no head node). Here each Ray actor holds a shard, whole features files of the
+pool (:class:`~evoray.select.shard.FeatureShard`), and the driver holds per-target vectors, the
+picks and O(N) bytes once (the pool positions, to number the candidates in pool order):
+
+* **random**: the local draw over pool positions (a permutation of N), picks fetched from their
+  shards: the same picks as ``local``.
+* **attribution**: each shard's top k, merged exactly (ties by pool position): the same picks.
+* **evoselect**: the centre is reduced from the shards' sums and the novelty directions from
+  rows they hand over (the same 20,000-row sample as ``local``). Alignment is the semi-relaxed
+  OT of :mod:`evoray.select.ot` with the candidate side in the shards: dense costs
+  (up to ``sparse_above`` candidates) stay in the shards as :class:`~evoray.select.ot.OTPart`
+  columns, and each iteration reduces their per-target partial sums; above, each target's
+  ``ot_knn`` nearest candidates over all shards are merged on the driver (O(M·K)) and solved
+  there. The greedy step scans the top of the global alignment order, which the driver merges
+  from the shards' sorted chunks as far as the scan needs; ranks come from counts (positions in
+  that order) and from a global novelty histogram. After each pick every shard returns the
+  candidates the pick may lower (kNN: its ``novelty_knn`` nearest in its own IVF index, merged
+  to the global nearest; dense: every one it lowers), and the driver's updates go back with the
+  next call. Dense novelty gives the local backend's picks; kNN novelty searches one index a
+  shard instead of one over the pool, which changes some neighbours (docs/algorithms.md §3.8).
+
+TSDS, diversity and attr_div cluster or search the whole pool and are not sharded: the config
+refuses them with ``backend: sharded``. ``alignment: lava`` is refused too (its calibration sums
+every candidate's potential).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from evoray.select.geometry import unit
+from evoray.select.selection import Selection
+
+__all__ = ["PER_SHARD", "ShardedPool", "plan_shards"]
+
+log = logging.getLogger(__name__)
+
+PER_SHARD = 500_000  # candidates a shard by default
+
+
+def plan_shards(sizes: list[int], shards: int | None = None) -> list[list[int]]:
+    """Group files (their row counts ``sizes``, in order) into ``shards`` contiguous groups of
+    about equal rows (default: one per :data:`PER_SHARD` rows); never more groups than files."""
+    total = sum(sizes)
+    count = max(1, min(len(sizes), shards or -(-total // PER_SHARD)))
+    edges = np.searchsorted(np.cumsum(sizes), np.linspace(0, total, count + 1)[1:-1], "right")
+    groups = np.split(np.arange(len(sizes)), edges)
+    return [g.tolist() for g in groups if len(g)]
+
+
+class RemoteParts:
+    """The shards' OT parts, for :class:`~evoray.select.ot.SemiRelaxedOT`."""
+
+    def __init__(self, handles):
+        self.handles = handles
+
+    def call(self, name: str, *args) -> list:
+        import ray
+
+        return ray.get([h.ot.remote(name, *args) for h in self.handles])
+
+    def each(self, name: str, args: list) -> list:
+        import ray
+
+        return ray.get([h.ot.remote(name, *a) for h, a in zip(self.handles, args, strict=True)])
+
+
+class ShardedPool:
+    """A features folder spread over Ray actors, one shard each (files kept whole).
+
+    Args:
+        features: features folder (or one file), local path or URI.
+        shards: number of actors (default one per :data:`PER_SHARD` candidates, at most one a
+            file).
+        dtype: convert features while reading.
+        num_cpus: CPUs reserved per actor.
+    """
+
+    def __init__(self, features: str, shards: int | None = None, dtype: str | None = None,
+                 num_cpus: float = 0.5):
+        import ray
+
+        from evoray.data.features import features_files
+        from evoray.select.shard import FeatureShard
+
+        fs, files = features_files(features)
+        sizes = [pq.read_metadata(f, filesystem=fs).num_rows for f in files]
+        if len(files) == 1 and not fs.get_file_info(files[0]).base_name.endswith(".parquet"):
+            paths = [features]
+        else:
+            base = features.rstrip("/")
+            paths = [features if len(files) == 1 and base.endswith(".parquet")
+                     else f"{base}/{f.rsplit('/', 1)[-1]}" for f in files]
+        actor = ray.remote(num_cpus=num_cpus)(FeatureShard)
+        self.handles = [actor.remote([paths[i] for i in g], dtype)
+                        for g in plan_shards(sizes, shards)]
+        info = ray.get([h.pool_rows.remote() for h in self.handles])
+        rows = np.concatenate([r for r, _, _ in info])
+        order = np.argsort(rows, kind="stable")
+        gpos = np.empty(len(rows), np.int64)
+        gpos[order] = np.arange(len(rows))
+        cuts = np.cumsum([0] + [len(r) for r, _, _ in info])
+        ray.get([h.place.remote(gpos[s:e])
+                 for h, s, e in zip(self.handles, cuts[:-1], cuts[1:], strict=True)])
+        self.n, self.dim = len(rows), info[0][2]
+        self.dropped = sum(d for _, d, _ in info)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def call(self, name: str, *args) -> list:
+        """Run ``FeatureShard.name(*args)`` on every shard; the results in shard order."""
+        import ray
+
+        return ray.get([getattr(h, name).remote(*args) for h in self.handles])
+
+    def each(self, name: str, args: list) -> list:
+        """Run ``FeatureShard.name(*args[s])`` on shard s; the results in shard order."""
+        import ray
+
+        return ray.get([getattr(h, name).remote(*a)
+                        for h, a in zip(self.handles, args, strict=True)])
+
+    def take(self, gpos: np.ndarray) -> np.ndarray:
+        """Normalised rows at global positions ``gpos`` (in that order), gathered from the
+        shards (the view :func:`~evoray.select.geometry.principal_directions` reads)."""
+        gpos = np.asarray(gpos, np.int64)
+        out = np.empty((len(gpos), self.dim), np.float32)
+        for found, rows in self.call("take", gpos):
+            out[found] = rows
+        return out
+
+    def picked(self, where: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, features as stored)`` of the picks at ``(shard, local row)``, in order."""
+        import ray
+
+        where = np.asarray(where, np.int64).reshape(-1, 2)
+        ids = np.empty(len(where), object)
+        X = None
+        for s, h in enumerate(self.handles):
+            mine = np.flatnonzero(where[:, 0] == s)
+            if len(mine):
+                i, x = ray.get(h.raw.remote(where[mine, 1]))
+                X = np.empty((len(where), x.shape[1]), x.dtype) if X is None else X
+                ids[mine], X[mine] = i, x
+        return ids, X
+
+    def locate(self, gpos: np.ndarray) -> list[tuple[int, int]]:
+        """``(shard, local row)`` of each global position."""
+        out = {}
+        for s, (found, local) in enumerate(self.call("locate", np.asarray(gpos, np.int64))):
+            for g, row in zip(np.asarray(gpos)[found], local, strict=True):
+                out[int(g)] = (s, int(row))
+        return [out[int(g)] for g in gpos]
+
+    def random(self, k: int, seed: int = 0) -> tuple[Selection, list]:
+        """``random``: the local draw, ``permutation(N)[:k]`` of the pool positions."""
+        t0 = time.perf_counter()
+        picks = np.random.default_rng(seed).permutation(self.n)[:k]
+        return Selection(indices=picks, method="random", diagnostics={
+            "timing": {"total": time.perf_counter() - t0}}), self.locate(picks)
+
+    def attribution(self, V: np.ndarray, k: int, subtasks=None) -> tuple[Selection, list]:
+        """``attribution``: each shard's top k of the LESS score, merged (ties by position)."""
+        t0 = time.perf_counter()
+        Vh = unit(V)
+        labels = np.zeros(len(V), np.int64) if subtasks is None else \
+            np.unique(np.asarray(subtasks), return_inverse=True)[1]
+        means = np.stack([Vh[labels == t].mean(axis=0) for t in range(labels.max() + 1)])
+        tops = self.call("attribution_top", means, k)
+        scores = np.concatenate([t[0] for t in tops])
+        gpos = np.concatenate([t[1] for t in tops])
+        where = [(s, int(r)) for s, t in enumerate(tops) for r in t[2]]
+        best = np.lexsort((gpos, -scores))[:k]
+        return Selection(indices=gpos[best], method="attribution",
+                         explain={"alignment": scores[best].astype(np.float64)},
+                         diagnostics={"timing": {"total": time.perf_counter() - t0}}), \
+            [where[i] for i in best]
+
+
+def select_sharded(cfg, features: str, targets: str, out: str, *, pool: str | None = None,
+                   dtype: str | None = None, extra: dict | None = None):
+    """:func:`evoray.select.io.select_files` with ``cfg.backend == "sharded"``: the same
+    folder (``selected.parquet``, ``summary.json``, ``scores.parquet`` written shard by shard,
+    ``selected.jsonl`` with ``pool``), from :class:`ShardedPool` actors that are released
+    after. ``random`` draws over the pool positions (the features' ``row``), not the content
+    order the local backend uses with ``pool``. Returns ``(summary, selection, pool)``."""
+    import ray
+
+    from evoray.data.features import read_features
+    from evoray.data.io import write_records
+    from evoray.errors import SelectError
+    from evoray.ray_utils import init_ray
+    from evoray.select.api import budget
+    from evoray.select.io import pool_records, write_selection
+    from evoray.select.selection import nearest_in
+    from evoray.select.sharded_evoselect import evoselect_sharded
+    from evoray.storage import atomic_write
+
+    t0 = time.perf_counter()
+    tfeats = read_features(targets, dtype=dtype)
+    keep = np.abs(tfeats.X.astype(np.float32)).max(axis=1) > 0
+    if not keep.any():
+        raise SelectError("every target feature has zero norm; the target set is empty")
+    V, target_ids = tfeats.X[keep], tfeats.ids[keep]
+    started = init_ray()
+    sp = ShardedPool(features, cfg.shards, dtype)
+    try:
+        read_s = time.perf_counter() - t0
+        k = budget(len(sp), k=cfg.k, ratio=cfg.ratio)
+        if cfg.method == "random":
+            sel, where = sp.random(k, cfg.seed)
+        elif cfg.method == "attribution":
+            sel, where = sp.attribution(V, k)
+        else:
+            try:
+                sel, where = evoselect_sharded(sp, V, k, seed=cfg.seed, **cfg.method_params())
+            except ValueError as e:
+                raise SelectError(f"{cfg.method}: {e}") from None
+        if "nearest_targets" not in sel.explain:
+            sp.call("geometry", "none", None)
+            sel.explain["nearest_targets"], sel.explain["nearest_cos"] = nearest_in(
+                sp, unit(V), sel.indices)
+        sel.explain["nearest_targets"] = np.flatnonzero(keep)[sel.explain["nearest_targets"]]
+        ids, _ = sp.picked(where)
+        sel.diagnostics.update(method=cfg.method, seed=cfg.seed, k=k, n=len(sp), m=len(V),
+                               backend="sharded", shards=len(sp.handles), dropped={
+                                   "candidates": sp.dropped, "targets": int((~keep).sum())})
+        view = Selection(indices=np.arange(k), explain=sel.explain,
+                         diagnostics=sel.diagnostics, method=cfg.method)
+        records = pool_records(pool, view, ids, n_features=len(sp)) if pool else None
+
+        def scores(f) -> None:
+            writer = None
+            for h in sp.handles:
+                table = ray.get(h.scores.remote())
+                writer = writer or pq.ParquetWriter(f, table.schema)
+                writer.write_table(table)
+            writer.close()
+
+        atomic_write(f"{out}/scores.parquet", scores)
+        if records is not None:
+            write_records(records, f"{out}/selected.jsonl", "candidate")
+            extra = {**(extra or {}), "records": len(records)}
+        summary = write_selection(out, view, ids, target_ids, extra={
+            "features": features, "targets": targets, "k": k, "ratio": cfg.ratio,
+            "seed": cfg.seed, "read_s": read_s, **(extra or {})})
+    finally:
+        for h in sp.handles:
+            ray.kill(h)
+        if started:
+            ray.shutdown()
+    return summary, sel, sp

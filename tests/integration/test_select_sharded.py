@@ -1,0 +1,102 @@
+"""``select.backend: sharded`` on the suite's local Ray: the same folder as the local backend,
+and the same picks where the algorithm is the same (dense novelty; dense or kNN-sparse OT;
+random; attribution)."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from evoray.config import SelectConfig
+from evoray.data.features import features_table, write_features
+from evoray.errors import ConfigError
+from evoray.select.io import select_files
+from evoray.select.sharded import plan_shards
+
+N, D, M = 1500, 24, 30
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A pool in 4 files whose rows are spread over the files out of order (plus an exact
+    duplicate and a zero row), and a targets folder."""
+    rng = np.random.default_rng(0)
+    G = (rng.normal(size=(N, D)) + rng.normal(size=D)).astype(np.float32)
+    G[5] = G[7]
+    G[11] = 0.0
+    V = (rng.normal(size=(M, D)) + 0.3).astype(np.float32)
+    root = tmp_path_factory.mktemp("sharded")
+    pool = root / "features"
+    pool.mkdir()
+    for j, part in enumerate(np.array_split(rng.permutation(N), 4)):
+        pq.write_table(features_table([f"c{i}" for i in part], part, G[part],
+                                      np.ones(len(part)), np.ones(len(part))),
+                       pool / f"part-{j}.parquet")
+    write_features(str(root / "targets"), [f"t{j}" for j in range(M)], V)
+    return str(pool), str(root / "targets"), root
+
+
+def run(folders, name, **select):
+    pool, targets, root = folders
+    cfg = SelectConfig(**select)
+    out = root / name
+    summary, _, _ = select_files(cfg, pool, targets, str(out))
+    return pq.read_table(out / "selected.parquet").to_pydict(), summary, out
+
+
+@pytest.mark.parametrize("extra", [{}, {"sparse_above": 500}], ids=["dense-ot", "sparse-ot"])
+def test_evoselect_sharded_picks_what_local_picks(ray_session, folders, extra):
+    from evoray.config.sections import EvoSelectSettings
+
+    settings = EvoSelectSettings(**extra)
+    local, _, _ = run(folders, f"local-{len(extra)}", method="evoselect", ratio=0.1,
+                      evoselect=settings)
+    sharded, summary, out = run(folders, f"sharded-{len(extra)}", method="evoselect",
+                                ratio=0.1, evoselect=settings, backend="sharded", shards=3)
+    assert sharded["id"] == local["id"]  # the same picks in the same order
+    assert sharded["nearest_targets"] == local["nearest_targets"]
+    np.testing.assert_allclose(sharded["alignment"], local["alignment"], rtol=1e-4)
+    diag = summary["diagnostics"]
+    assert diag["shards"] == 3 and diag["sparse"] == bool(extra)
+    assert diag["target_marginal_err"] < 1e-6
+    assert diag["dropped"]["candidates"] == 1  # the zero row
+    scores = pq.read_table(out / "scores.parquet").to_pydict()
+    assert len(scores["id"]) == N - 1 and sum(scores["selected"]) == len(local["id"])
+    assert set(np.array(scores["id"])[scores["selected"]]) == set(local["id"])
+
+
+@pytest.mark.parametrize("method", ["random", "attribution"])
+def test_random_and_attribution_sharded_are_exact(ray_session, folders, method):
+    local, _, _ = run(folders, f"local-{method}", method=method, k=97, seed=3)
+    sharded, _, _ = run(folders, f"sharded-{method}", method=method, k=97, seed=3,
+                        backend="sharded", shards=4)
+    assert sharded["id"] == local["id"]
+    assert sharded["nearest_targets"] == local["nearest_targets"]
+
+
+def test_knn_novelty_on_one_shard_is_the_local_knn_path(ray_session, folders):
+    from evoray.config.sections import EvoSelectSettings
+
+    settings = EvoSelectSettings(novelty="knn")
+    local, _, _ = run(folders, "local-knn", method="evoselect", ratio=0.1, evoselect=settings)
+    sharded, _, _ = run(folders, "sharded-knn", method="evoselect", ratio=0.1,
+                        evoselect=settings, backend="sharded", shards=1)
+    assert sharded["id"] == local["id"]
+
+
+def test_sharded_refuses_what_it_cannot_run():
+    with pytest.raises(ConfigError, match="select.backend.*use backend=local"):
+        SelectConfig(method="tsds", backend="sharded")
+    with pytest.raises(ConfigError, match="lava needs backend=local"):
+        from evoray.config.sections import EvoSelectSettings
+
+        SelectConfig(backend="sharded", evoselect=EvoSelectSettings(alignment="lava"))
+    with pytest.raises(ConfigError, match="shards"):
+        SelectConfig(backend="sharded", shards=0)
+
+
+def test_plan_shards_keeps_files_whole_and_balances_rows():
+    assert plan_shards([100, 100, 100, 100], 2) == [[0, 1], [2, 3]]
+    assert plan_shards([10, 10], 5) == [[0], [1]]  # never more shards than files
+    assert plan_shards([400_000, 400_000, 400_000]) == [[0], [1], [2]]  # 1.2M: 3 shards
+    groups = plan_shards([250_000] * 8)  # 2M rows: one shard per 500,000
+    assert len(groups) == 4 and sorted(sum(groups, [])) == list(range(8))
