@@ -41,15 +41,22 @@ class FeatureShard:
             (G[keep], ids[keep], rows[keep])
         self.part: OTPart | None = None
 
-    def pool_rows(self) -> tuple[np.ndarray, int, int]:
-        """``(rows, dropped, dim)``: each candidate's position in its pool file."""
-        return self.rows, self.dropped, int(self.G.shape[1])
+    def pool_rows(self, full: bool = False) -> tuple:
+        """``(first row, last row, count, dropped, dim)``, or with ``full`` each candidate's
+        position in its pool file (its ``row``)."""
+        if full:
+            return self.rows
+        lo, hi = (int(self.rows.min()), int(self.rows.max())) if len(self.rows) else (0, -1)
+        return lo, hi, len(self.rows), self.dropped, int(self.G.shape[1])
 
-    def place(self, gpos: np.ndarray) -> None:
-        """Take each candidate's global position (``gpos[i]`` for ``pool_rows()[0][i]``) and
-        reorder the shard by it, so that local order is global order."""
-        order = np.argsort(gpos, kind="stable")
-        self.gpos = np.asarray(gpos, np.int64)[order]
+    def place(self, gpos: np.ndarray | int) -> None:
+        """Take each candidate's global position: ``gpos[i]`` for ``pool_rows(True)[i]``, or
+        an offset to which the shard's own rank of each row is added (when no other shard's
+        rows fall between its first and last row). Local order becomes global order."""
+        order = np.argsort(self.rows, kind="stable") if np.isscalar(gpos) else \
+            np.argsort(gpos, kind="stable")
+        self.gpos = np.arange(gpos, gpos + len(order), dtype=np.int64) if np.isscalar(gpos) \
+            else np.asarray(gpos, np.int64)[order]
         if not (order == np.arange(len(order))).all():
             self.G, self.ids, self.rows = self.G[order], self.ids[order], self.rows[order]
         n = len(self.G)

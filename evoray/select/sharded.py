@@ -101,16 +101,25 @@ class ShardedPool:
         actor = ray.remote(num_cpus=num_cpus)(FeatureShard)
         self.handles = [actor.remote([paths[i] for i in g], dtype)
                         for g in plan_shards(sizes, shards)]
-        info = ray.get([h.pool_rows.remote() for h in self.handles])
-        rows = np.concatenate([r for r, _, _ in info])
-        order = np.argsort(rows, kind="stable")
-        gpos = np.empty(len(rows), np.int64)
-        gpos[order] = np.arange(len(rows))
-        cuts = np.cumsum([0] + [len(r) for r, _, _ in info])
-        ray.get([h.place.remote(gpos[s:e])
-                 for h, s, e in zip(self.handles, cuts[:-1], cuts[1:], strict=True)])
-        self.n, self.dim = len(rows), info[0][2]
-        self.dropped = sum(d for _, d, _ in info)
+        info = self.call("pool_rows")
+        self.n, self.dim = sum(i[2] for i in info), info[0][4]
+        self.dropped = sum(i[3] for i in info)
+        by_first = sorted(range(len(info)), key=lambda s: info[s][0])
+        ranges = [info[s][:2] for s in by_first if info[s][2]]
+        if all(a[1] < b[0] for a, b in zip(ranges, ranges[1:], strict=False)):
+            offset, offsets = 0, {}
+            for s in by_first:  # shards hold disjoint row ranges: O(1) on the driver
+                offsets[s], offset = offset, offset + info[s][2]
+            self.call_each("place", [(offsets[s],) for s in range(len(info))])
+        else:  # interleaved files: number every row once (a permutation of N on the driver)
+            rows = self.call("pool_rows", True)
+            flat = np.concatenate(rows)
+            gpos = np.empty(len(flat), np.int64)
+            gpos[np.argsort(flat, kind="stable")] = np.arange(len(flat))
+            cuts = np.cumsum([0] + [len(r) for r in rows])
+            del flat, rows
+            self.call_each("place", [(gpos[s:e],) for s, e in zip(cuts[:-1], cuts[1:],
+                                                                   strict=True)])
 
     def __len__(self) -> int:
         return self.n
@@ -121,7 +130,7 @@ class ShardedPool:
 
         return ray.get([getattr(h, name).remote(*args) for h in self.handles])
 
-    def each(self, name: str, args: list) -> list:
+    def call_each(self, name: str, args: list) -> list:
         """Run ``FeatureShard.name(*args[s])`` on shard s; the results in shard order."""
         import ray
 

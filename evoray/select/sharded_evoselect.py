@@ -100,7 +100,7 @@ def evoselect_sharded(pool, V: np.ndarray, k: int, *, seed: int = 0, lam: float 
             res = solver.solve(b, a if sparse else None)
             if sparse:
                 mass = solver.mass()
-                pool.each("set_alignment", [
+                pool.call_each("set_alignment", [
                     (n_alive, min_share, None, (owner_local[owner == s], mass[owner == s]))
                     for s in range(len(pool.handles))])
             else:

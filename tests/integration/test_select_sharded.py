@@ -1,6 +1,7 @@
 """``select.backend: sharded`` on the suite's local Ray: the same folder as the local backend,
 and the same picks where the algorithm is the same (dense novelty; dense or kNN-sparse OT;
-random; attribution)."""
+random; attribution). Each selection starts its shards' actors (about 10 s each on a busy
+2-core machine, most of it importing torch), so only the dense case is in the fast tier."""
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -43,7 +44,8 @@ def run(folders, name, **select):
     return pq.read_table(out / "selected.parquet").to_pydict(), summary, out
 
 
-@pytest.mark.parametrize("extra", [{}, {"sparse_above": 500}], ids=["dense-ot", "sparse-ot"])
+@pytest.mark.parametrize("extra", [
+    {}, pytest.param({"sparse_above": 500}, marks=pytest.mark.slow)], ids=["dense-ot", "sparse-ot"])
 def test_evoselect_sharded_picks_what_local_picks(ray_session, folders, extra):
     from evoray.config.sections import EvoSelectSettings
 
@@ -64,6 +66,7 @@ def test_evoselect_sharded_picks_what_local_picks(ray_session, folders, extra):
     assert set(np.array(scores["id"])[scores["selected"]]) == set(local["id"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["random", "attribution"])
 def test_random_and_attribution_sharded_are_exact(ray_session, folders, method):
     local, _, _ = run(folders, f"local-{method}", method=method, k=97, seed=3)
@@ -73,6 +76,7 @@ def test_random_and_attribution_sharded_are_exact(ray_session, folders, method):
     assert sharded["nearest_targets"] == local["nearest_targets"]
 
 
+@pytest.mark.slow
 def test_knn_novelty_on_one_shard_is_the_local_knn_path(ray_session, folders):
     from evoray.config.sections import EvoSelectSettings
 
@@ -100,3 +104,24 @@ def test_plan_shards_keeps_files_whole_and_balances_rows():
     assert plan_shards([400_000, 400_000, 400_000]) == [[0], [1], [2]]  # 1.2M: 3 shards
     groups = plan_shards([250_000] * 8)  # 2M rows: one shard per 500,000
     assert len(groups) == 4 and sorted(sum(groups, [])) == list(range(8))
+
+
+@pytest.mark.slow
+def test_files_of_disjoint_rows_are_numbered_without_a_permutation(ray_session, folders,
+                                                                  tmp_path):
+    """Files that each hold a range of rows (what the benchmark writes): every shard numbers
+    its own candidates from an offset, and random picks what the local backend picks."""
+    rng = np.random.default_rng(1)
+    G = rng.normal(size=(600, D)).astype(np.float32)
+    (tmp_path / "f").mkdir()
+    for j, part in enumerate(np.array_split(np.arange(600), 3)):
+        pq.write_table(features_table([f"c{i}" for i in part], part, G[part],
+                                      np.ones(len(part)), np.ones(len(part))),
+                       tmp_path / "f" / f"part-{2 - j}.parquet")  # names against row order
+    _, targets, _ = folders
+    picked = {}
+    for backend in ("local", "sharded"):
+        cfg = SelectConfig(method="random", k=50, seed=2, backend=backend, shards=3)
+        select_files(cfg, str(tmp_path / "f"), targets, str(tmp_path / backend))
+        picked[backend] = pq.read_table(tmp_path / backend / "selected.parquet")["id"]
+    assert picked["sharded"].to_pylist() == picked["local"].to_pylist()
