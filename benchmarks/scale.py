@@ -52,6 +52,7 @@ import psutil
 RESULTS = Path(__file__).parent / "results"
 GiB = 1024**3
 MODEL, TASK = "tiny-llama", "arithmetic"
+SELECT_MARK = "## Selection, sharded"  # benchmarks/scale_select.py's section of scale.md
 
 
 def make_pool(n: int, work: Path) -> tuple[str, float]:
@@ -286,7 +287,9 @@ def main() -> int:
 
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "scale.md").write_text(
+    md_path = RESULTS / "scale.md"  # keeps the section benchmarks/scale_select.py writes
+    kept = md_path.read_text().partition(SELECT_MARK) if md_path.exists() else ("", "", "")
+    md_path.write_text(
         f"# featurize at scale: {args.n:,} candidates\n\n"
         f"`python benchmarks/scale.py --n {args.n} --batch-size {args.batch_size}`: "
         f"{MODEL} on {args.actors} feature actors (0.5 CPU each), dim {meta['dim']}, local Ray "
@@ -295,7 +298,8 @@ def main() -> int:
         "Object store: `Plasma memory usage` of `ray memory --stats-only`, sampled every "
         f"{args.interval} s. Spilled: its cumulative `Spilled`, plus file-backed fallback "
         "allocations and files in the spill folder. Driver RSS: the larger of psutil "
-        "samples and `getrusage` `ru_maxrss` (the whole process life).\n")
+        "samples and `getrusage` `ru_maxrss` (the whole process life).\n"
+        + (f"\n{kept[1]}{kept[2]}" if kept[1] else ""))
     if not args.keep:
         shutil.rmtree(features, ignore_errors=True)
     return 0 if result["pass"] else 1

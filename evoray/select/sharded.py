@@ -80,11 +80,12 @@ class ShardedPool:
         shards: number of actors (default one per :data:`PER_SHARD` candidates, at most one a
             file).
         dtype: convert features while reading.
-        num_cpus: CPUs reserved per actor.
+        num_cpus: CPUs reserved per actor; default ``min(1, cluster CPUs / shards)``, so that
+            every shard is placed at once (the driver waits on all of them).
     """
 
     def __init__(self, features: str, shards: int | None = None, dtype: str | None = None,
-                 num_cpus: float = 0.5):
+                 num_cpus: float | None = None):
         import ray
 
         from evoray.data.features import features_files
@@ -98,9 +99,11 @@ class ShardedPool:
             base = features.rstrip("/")
             paths = [features if len(files) == 1 and base.endswith(".parquet")
                      else f"{base}/{f.rsplit('/', 1)[-1]}" for f in files]
+        groups = plan_shards(sizes, shards)
+        if num_cpus is None:
+            num_cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / len(groups))
         actor = ray.remote(num_cpus=num_cpus)(FeatureShard)
-        self.handles = [actor.remote([paths[i] for i in g], dtype)
-                        for g in plan_shards(sizes, shards)]
+        self.handles = [actor.remote([paths[i] for i in g], dtype) for g in groups]
         info = self.call("pool_rows")
         self.n, self.dim = sum(i[2] for i in info), info[0][4]
         self.dropped = sum(i[3] for i in info)
