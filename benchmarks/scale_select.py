@@ -5,15 +5,16 @@
     python benchmarks/scale_select.py --overlap 100k              # sharded vs local picks
 
 Each size is a pool of float16 features, d = ``--dim`` (256), written once under ``--work``
-(``select-<N>x<dim>``, files of 250,000 rows, each a range of rows: a Gaussian mixture of 50
-components, the data of ``benchmarks/selection.py``) with 500 targets from 5 components. A cell
-runs in a fresh subprocess: a local Ray (2 CPUs, a ``--store-gb`` object store, its own temp
-folder), then :func:`evoray.select.io.select_files` with ``backend: sharded``, evoselect at
-ratio ``--ratio`` (0.01), default settings (above 100,000 candidates: kNN-sparse OT and kNN
-novelty). Measured as ``benchmarks/scale.py`` measures (its ``Sampler``): the driver's peak RSS
-(psutil samples and ``ru_maxrss``), the object store's peak and the bytes spilled (``ray
-memory --stats-only`` and the spill folder), plus the shard actors' peak RSS (psutil samples of
-the ``FeatureShard`` processes, largest one and their sum).
+(``select-<N>x<dim>``) in files of 250,000 rows (an ``--overlap`` pool: 8 files), each a range
+of rows: a Gaussian mixture of 50 components, the data of ``benchmarks/selection.py``, with 500
+targets from 5 components. The pool is written by this process; a cell then runs in a fresh
+subprocess: a local Ray (2 CPUs, a ``--store-gb`` object store, its own temp folder), then
+:func:`evoray.select.io.select_files` with ``backend: sharded``, evoselect at ratio
+``--ratio`` (0.01), default settings (above 100,000 candidates: kNN-sparse OT and kNN novelty).
+Measured as ``benchmarks/scale.py`` measures (its ``Sampler``): the driver's peak RSS (psutil
+samples and ``ru_maxrss``), the object store's peak and the bytes spilled (``ray memory
+--stats-only`` and the spill folder), plus the shard actors' peak RSS (psutil samples of the
+``FeatureShard`` processes, largest one and their sum).
 
 ``--overlap N`` selects from one pool of N rows with the local backend and with 4 shards and
 reports the overlap of the picks and the OT's target-marginal error.
@@ -62,15 +63,16 @@ def make_pool(n: int, d: int, work: Path) -> tuple[str, str]:
     feats.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(50, d)).astype(np.float32) / np.sqrt(d)
-    for s in range(0, n, FILE_ROWS):
-        e = min(s + FILE_ROWS, n)
+    step = FILE_ROWS if n >= 1_000_000 else max(n // 8, 1)  # an --overlap pool: 8 files
+    for s in range(0, n, step):
+        e = min(s + step, n)
         r = np.random.default_rng([0, s])
         X = centres[r.integers(0, 50, e - s)] + r.normal(size=(e - s, d)).astype(
             np.float32) / np.sqrt(d)
         rows = np.arange(s, e)
         pq.write_table(features_table(rows.astype(str), rows, X.astype(np.float16),
                                       np.ones(e - s), np.ones(e - s)),
-                       feats / f"part-{s // FILE_ROWS:05d}.parquet")
+                       feats / f"part-{s:09d}.parquet")
     r = np.random.default_rng([0, 2**40])
     V = centres[r.integers(0, 5, 500)] + r.normal(size=(500, d)).astype(np.float32) / np.sqrt(d)
     write_features(str(targets), [f"t{j}" for j in range(500)], V.astype(np.float16))
@@ -201,6 +203,7 @@ def main() -> None:
         key = f"{'overlap' if a.overlap else 'sharded'}|{n}|{a.dim}|{a.ratio}|{a.shards}"
         if key in results:
             continue
+        make_pool(n, a.dim, Path(a.work))  # here, so that the cell's driver RSS is selection's
         cmd = [sys.executable, __file__, "--cell", str(n), "--dim", str(a.dim), "--ratio",
                str(a.ratio), "--store-gb", str(a.store_gb), "--work", os.path.abspath(a.work)]
         cmd += ["--shards", str(a.shards)] if a.shards else []

@@ -177,19 +177,23 @@ def read_features_meta(path: str) -> dict:
         raise RecordError(meta, f"not valid JSON ({e})") from None
 
 
-def read_features(path: str, dtype: str | None = None) -> Features:
+def read_features(path: str, dtype: str | None = None, files: list[str] | None = None
+                  ) -> Features:
     """Read a features folder (or one Parquet file) into one contiguous array, in pool order.
 
     Args:
         path: local path or URI.
         dtype: ``"float32"`` or ``"float16"`` to convert while filling (default: as stored).
+        files: read only these of the folder's files (as :func:`features_files` names them),
+            e.g. one shard's.
 
     Raises:
         RecordError: naming the file and field, for a missing column, a ``feature`` column that is
             not a fixed-size list of floats, files of different dims, NaN/inf features or
             duplicate ids/rows.
     """
-    fs, files = features_files(path)
+    fs, found = features_files(path)
+    files = found if files is None else files
     metas = [_metadata(f, fs) for f in files]
     n = sum(m.num_rows for m in metas)
     if n == 0:

@@ -257,9 +257,11 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
                                    "cache_dir": cache_dir, "pad_token_id": pad})
 
         def fill(tmp: str, fs: pafs.FileSystem) -> None:
-            written = feats.materialize()
-            stats = written.select_columns(["peak_mb", "a_skipped"]).to_pandas()
-            written.drop_columns(["peak_mb", "a_skipped"]).write_parquet(tmp, filesystem=fs)
+            # Streamed: each block is written as it comes out of the actors, and only its
+            # two-number summary reaches the driver (the object store holds blocks in flight,
+            # not the whole pool's features).
+            stats = feats.map_batches(write_block, batch_size=None, batch_format="pyarrow",
+                                      fn_kwargs={"folder": tmp, "fs": fs}).to_pandas()
             meta = {
                 "model": model_spec, "adapter": adapter, "adam_state": adam_state,
                 "kind": kind, "pool": pool_path, "input_hash": digest, "dim": dim,
@@ -291,6 +293,23 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
     log.info("features of %d candidates written to %s in %.1f s", len(keep), out,
              time.perf_counter() - t0)
     return out
+
+
+def write_block(block: pa.Table, folder: str, fs: pafs.FileSystem) -> pa.Table:
+    """Write one block of the actors' output to ``folder/part-<first row>.parquet`` (the
+    features columns) and return its summary: one row of ``peak_mb`` (max) and ``a_skipped``
+    (all); none for an empty block."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if block.num_rows == 0:
+        return pa.table({"peak_mb": pa.array([], pa.int32()),
+                         "a_skipped": pa.array([], pa.bool_())})
+    first = pc.min(block["row"]).as_py()
+    pq.write_table(block.drop_columns(["peak_mb", "a_skipped"]),
+                   f"{folder}/part-{first:012d}.parquet", filesystem=fs)
+    return pa.table({"peak_mb": [pc.max(block["peak_mb"]).as_py()],
+                     "a_skipped": [pc.all(block["a_skipped"]).as_py()]})
 
 
 def _actor_memory(shape: dict, dim: int, cfg: FeaturesConfig, tokens: int, rows: int) -> int:

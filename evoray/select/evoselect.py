@@ -47,9 +47,14 @@ from evoray.select.geometry import ResidualRows, UnitRows, ivf_index, knn, princ
 from evoray.select.ot import SemiRelaxedOT, lava_gradient
 from evoray.select.selection import Selection
 
-__all__ = ["evoselect", "Greedy", "smooth_targets"]
+__all__ = ["evoselect", "Greedy", "novelty_bins", "smooth_targets"]
 
 log = logging.getLogger(__name__)
+
+
+def novelty_bins(x: np.ndarray, bins: int) -> np.ndarray:
+    """The rank bin of novelty values in [0, 2], quantised to ``bins`` bins."""
+    return np.minimum((np.clip(x, 0, 2) * (bins / 2)).astype(np.int64), bins - 1)
 
 
 class Greedy:
@@ -77,7 +82,7 @@ class Greedy:
         self.width = 64  # scan width of the alignment order, adapted pick by pick
 
     def _bin(self, x: np.ndarray) -> np.ndarray:
-        return np.minimum((np.clip(x, 0, 2) * (self.bins / 2)).astype(np.int64), self.bins - 1)
+        return novelty_bins(x, self.bins)
 
     def block(self, align: np.ndarray, count: int) -> dict[str, np.ndarray]:
         """Pick ``count`` candidates with alignment scores ``align`` (N,), higher = better.

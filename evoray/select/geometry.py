@@ -16,8 +16,8 @@ import faiss
 import numpy as np
 
 __all__ = ["BLOCK_ROWS", "CENTERINGS", "ResidualRows", "UnitRows", "blocks", "centering",
-           "inverse_norms", "ivf_index", "knn", "mean_rows", "principal_directions", "sum_rows",
-           "unit"]
+           "inverse_norms", "ivf_index", "ivf_trained", "knn", "mean_rows", "principal_directions",
+           "sum_rows", "unit"]
 
 BLOCK_ROWS = 8192  # rows per block: 32 MiB of float32 at d = 1024
 
@@ -263,7 +263,21 @@ def ivf_index(base: UnitRows, *, nlist: int | None = None, nprobe: int = 8,
         subset: index only these rows (ids in the index are then positions in ``subset``).
     """
     rows = np.arange(len(base)) if subset is None else np.asarray(subset, np.int64)
-    n = len(rows)
+    index = ivf_trained(base, rows, nlist=nlist, codec=codec, metric=metric,
+                        train_rows=train_rows, seed=seed)
+    for s, e in blocks(len(rows)):
+        index.add(base.take(rows[s:e]))
+    faiss.extract_index_ivf(index).nprobe = nprobe
+    return index
+
+
+def ivf_trained(base, rows: np.ndarray | int, *, nlist: int | None = None,
+                codec: str = "SQfp16", metric: str = "ip", train_rows: int = 64,
+                seed: int = 0) -> faiss.Index:
+    """The empty, trained IVF index of :func:`ivf_index` over ``base``'s ``rows`` (an int n:
+    the first n; ``base`` needs ``dim`` and ``take``): a sharded pool trains it once and every
+    shard adds its own rows to a copy, so that a search probes the same lists in every shard."""
+    n = rows if isinstance(rows, int) else len(rows)
     nlist = nlist or max(1, int(round(np.sqrt(n))))
     faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
     index = faiss.index_factory(base.dim, f"IVF{nlist},{codec}", faiss_metric)
@@ -271,8 +285,5 @@ def ivf_index(base: UnitRows, *, nlist: int | None = None, nprobe: int = 8,
     sample = np.sort(rng.choice(n, size=min(n, train_rows * nlist), replace=False))
     ivf = faiss.extract_index_ivf(index)
     ivf.cp.seed = seed
-    index.train(base.take(rows[sample]))
-    for s, e in blocks(n):
-        index.add(base.take(rows[s:e]))
-    ivf.nprobe = nprobe
+    index.train(base.take(sample if isinstance(rows, int) else rows[sample]))
     return index

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from evoray.select.geometry import ResidualRows, UnitRows, inverse_norms, ivf_index, knn, sum_rows
+from evoray.select.geometry import ResidualRows, UnitRows, blocks, inverse_norms, knn, sum_rows
 from evoray.select.ot import OTPart
 
 __all__ = ["FeatureShard"]
@@ -24,17 +24,18 @@ class FeatureShard:
     """The candidates of ``files`` (features Parquet files), rows of zero norm dropped.
 
     Args:
-        files: the shard's features files.
+        features: the features folder (or file), local path or URI.
+        files: the shard's files in it (as :func:`evoray.data.features.features_files` names
+            them), read into one array.
         dtype: ``"float32"`` or ``"float16"`` to convert while reading (default: as stored).
     """
 
-    def __init__(self, files: list[str], dtype: str | None = None):
+    def __init__(self, features: str, files: list[str], dtype: str | None = None):
         from evoray.data.features import read_features
 
-        parts = [read_features(f, dtype=dtype) for f in files]
-        G = parts[0].X if len(parts) == 1 else np.concatenate([p.X for p in parts])
-        ids = np.concatenate([p.ids for p in parts])
-        rows = np.concatenate([p.rows for p in parts])
+        f = read_features(features, dtype=dtype, files=files)
+        G, ids, rows = f.X, f.ids, f.rows
+        del f
         keep = np.abs(G).max(axis=1) > 0 if len(G) else np.zeros(0, bool)
         self.dropped = int((~keep).sum())
         self.G, self.ids, self.rows = (G, ids, rows) if keep.all() else \
@@ -113,10 +114,12 @@ class FeatureShard:
         return getattr(self.part, name)(*args)
 
     def set_alignment(self, n_alive: int, min_share: float, b: np.ndarray | None = None,
-                      listed: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                      listed: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[int, int]:
         """This block's alignment: the OT mass from the part (``b``: dense) or the driver's
         masses of listed candidates (``listed`` = (local, mass): sparse), −inf below
-        ``min_share`` of a uniform share; neither: −inf everywhere (no target left)."""
+        ``min_share`` of a uniform share; neither: −inf everywhere (no target left). Returns
+        the alive candidates with a finite alignment (handed out by :meth:`chunk`, in order)
+        and with −inf (the tail: all tied, :meth:`tail_best` hands out their best)."""
         if b is not None:
             mass = self.part.mass(b)
         else:
@@ -128,18 +131,50 @@ class FeatureShard:
             align = np.full(len(self.G), -np.inf)
         if self.first_align is None:
             self.first_align = align
-        alive = np.flatnonzero(self.alive)
+        alive = np.flatnonzero(self.alive & np.isfinite(align))
         self.order = alive[np.lexsort((alive, -align[alive]))]
         self.align, self.cursor = align, 0
+        return len(alive), int(self.alive.sum()) - len(alive)
+
+    def tail_best(self, min_novelty: float, bins: int, pending=None) -> tuple | None:
+        """The best alive candidate of alignment −inf by the greedy rule (all tie on
+        alignment): not a near-duplicate (novelty ≥ ``min_novelty``) first, then the highest
+        novelty bin, then the lowest position. ``(penalised, bin, novelty, gpos, local)``."""
+        from evoray.select.evoselect import novelty_bins
+
+        self._apply(pending)
+        tail = np.flatnonzero(self.alive & np.isneginf(self.align))
+        if not len(tail):
+            return None
+        nov = self.novelty[tail]
+        ok = nov >= min_novelty
+        if ok.any():
+            tail, nov = tail[ok], nov[ok]
+        b = novelty_bins(nov, bins)
+        i = int(np.flatnonzero(b == b.max())[0])  # tail is in position order
+        return (not ok.any(), int(b[i]), float(nov[i]), int(self.gpos[tail[i]]), int(tail[i]))
 
     # ---- greedy diversification ---------------------------------------------------------------
-    def novelty_space(self, P: np.ndarray | None, dense: bool, nlist: int | None, nprobe: int,
-                      codec: str, seed: int) -> None:
-        space = ResidualRows(self.U, P) if P is not None else self.U
-        self.space = space
-        self.X = space.dense() if dense else None
-        self.index = None if dense else ivf_index(space, nlist=nlist, nprobe=nprobe,
-                                                  codec=codec, seed=seed)
+    def novelty_space(self, P: np.ndarray | None, dense: bool) -> None:
+        """The rows novelty is measured on: residuals of the directions ``P`` (None: the
+        normalised rows), held dense (``dense``) or searched in an index (:meth:`add_index`)."""
+        self.space = ResidualRows(self.U, P) if P is not None else self.U
+        self.X = self.space.dense() if dense else None
+
+    def take_space(self, gpos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`take` in the novelty space."""
+        found, local = self.locate(gpos)
+        return found, self.space.take(local)
+
+    def add_index(self, trained: np.ndarray, nprobe: int) -> None:
+        """Add this shard's rows (ids: local rows) to a copy of the pool's trained IVF index
+        (``faiss.serialize_index`` bytes)."""
+        import faiss
+
+        self.index = faiss.deserialize_index(trained)
+        for s, e in blocks(len(self.G)):
+            self.index.add_with_ids(self.space.rows(s, e), np.arange(s, e, dtype=np.int64))
+        faiss.extract_index_ivf(self.index).nprobe = nprobe
 
     def _apply(self, pending) -> None:
         """The driver's novelty updates ``(local, new)`` from the last pick."""

@@ -29,7 +29,6 @@ every candidate's potential).
 
 from __future__ import annotations
 
-import logging
 import time
 
 import numpy as np
@@ -38,9 +37,7 @@ import pyarrow.parquet as pq
 from evoray.select.geometry import unit
 from evoray.select.selection import Selection
 
-__all__ = ["PER_SHARD", "ShardedPool", "plan_shards"]
-
-log = logging.getLogger(__name__)
+__all__ = ["PER_SHARD", "RemoteParts", "ShardedPool", "plan_shards", "select_sharded"]
 
 PER_SHARD = 500_000  # candidates a shard by default
 
@@ -80,8 +77,9 @@ class ShardedPool:
         shards: number of actors (default one per :data:`PER_SHARD` candidates, at most one a
             file).
         dtype: convert features while reading.
-        num_cpus: CPUs reserved per actor; default ``min(1, cluster CPUs / shards)``, so that
-            every shard is placed at once (the driver waits on all of them).
+        num_cpus: CPUs reserved per actor; default ``min(1, free CPUs / shards)`` (0 when none
+            is free), so that every shard is placed at once: the driver waits on all of them.
+            Shards are spread over the cluster's nodes.
     """
 
     def __init__(self, features: str, shards: int | None = None, dtype: str | None = None,
@@ -93,17 +91,11 @@ class ShardedPool:
 
         fs, files = features_files(features)
         sizes = [pq.read_metadata(f, filesystem=fs).num_rows for f in files]
-        if len(files) == 1 and not fs.get_file_info(files[0]).base_name.endswith(".parquet"):
-            paths = [features]
-        else:
-            base = features.rstrip("/")
-            paths = [features if len(files) == 1 and base.endswith(".parquet")
-                     else f"{base}/{f.rsplit('/', 1)[-1]}" for f in files]
         groups = plan_shards(sizes, shards)
-        if num_cpus is None:
-            num_cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / len(groups))
-        actor = ray.remote(num_cpus=num_cpus)(FeatureShard)
-        self.handles = [actor.remote([paths[i] for i in g], dtype) for g in groups]
+        if num_cpus is None:  # what is free now, so that every shard is placed at once
+            num_cpus = min(1.0, ray.available_resources().get("CPU", 0.0) / len(groups))
+        actor = ray.remote(num_cpus=num_cpus, scheduling_strategy="SPREAD")(FeatureShard)
+        self.handles = [actor.remote(features, [files[i] for i in g], dtype) for g in groups]
         info = self.call("pool_rows")
         self.n, self.dim = sum(i[2] for i in info), info[0][4]
         self.dropped = sum(i[3] for i in info)
@@ -140,14 +132,30 @@ class ShardedPool:
         return ray.get([getattr(h, name).remote(*a)
                         for h, a in zip(self.handles, args, strict=True)])
 
-    def take(self, gpos: np.ndarray) -> np.ndarray:
+    def take(self, gpos: np.ndarray, how: str = "take") -> np.ndarray:
         """Normalised rows at global positions ``gpos`` (in that order), gathered from the
         shards (the view :func:`~evoray.select.geometry.principal_directions` reads)."""
         gpos = np.asarray(gpos, np.int64)
         out = np.empty((len(gpos), self.dim), np.float32)
-        for found, rows in self.call("take", gpos):
+        for found, rows in self.call(how, gpos):
             out[found] = rows
         return out
+
+    def space(self):
+        """The view of the novelty space (rows at global positions, by ``take``) that
+        :func:`~evoray.select.geometry.ivf_trained` trains the shards' index on."""
+        pool = self
+
+        class Space:
+            dim = pool.dim
+
+            def __len__(self) -> int:
+                return pool.n
+
+            def take(self, gpos: np.ndarray) -> np.ndarray:
+                return pool.take(gpos, "take_space")
+
+        return Space()
 
     def picked(self, where: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, features as stored)`` of the picks at ``(shard, local row)``, in order."""

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import time
 
+import faiss
 import numpy as np
 
 from evoray.select.evoselect import _block_sizes, smooth_targets
-from evoray.select.geometry import centering, principal_directions, unit
+from evoray.select.geometry import centering, ivf_trained, principal_directions, unit
 from evoray.select.ot import SemiRelaxedOT
 from evoray.select.selection import Selection, nearest_in
 from evoray.select.sharded import RemoteParts
@@ -45,7 +46,9 @@ def evoselect_sharded(pool, V: np.ndarray, k: int, *, seed: int = 0, lam: float 
                       max_iter: int = 5000) -> tuple[Selection, list]:
     """EvoSelect on the shards of ``pool`` for the targets ``V`` (M, d); k picks.
 
-    ``nlist`` (default ``round(sqrt(n))``) applies to each shard's own IVF index. Returns the
+    kNN novelty: the IVF index is trained once (``nlist``, default ``round(sqrt(N))``, on the
+    local backend's sample) and every shard adds its rows to a copy, so that a search probes the
+    same lists in every shard and the merged neighbours are the local index's. Returns the
     :class:`Selection` (``indices`` are pool positions; ``scores`` stay in the shards) and each
     pick's ``(shard, local row)``.
     """
@@ -86,7 +89,11 @@ def evoselect_sharded(pool, V: np.ndarray, k: int, *, seed: int = 0, lam: float 
     pcs = min(novelty_pcs, min(n, pool.dim) // 4)
     P = principal_directions(pool, pcs, seed=seed) if pcs > 0 else None
     dense = novelty == "dense" or (novelty == "auto" and n <= novelty_dense_max)
-    pool.call("novelty_space", P, dense, nlist, nprobe, novelty_codec, seed)
+    pool.call("novelty_space", P, dense)
+    if not dense:  # one index trained as the local one is, each shard adding its rows
+        trained = ivf_trained(pool.space(), n, nlist=nlist, codec=novelty_codec,
+                              seed=seed)
+        pool.call("add_index", faiss.serialize_index(trained), nprobe)
     greedy = ShardedGreedy(pool.handles, n, lam, bins=bins, redundant_cos=redundant_cos,
                            knn=min(novelty_knn, n), dense=dense)
     timing["diversification"] += time.perf_counter() - t0
@@ -100,21 +107,21 @@ def evoselect_sharded(pool, V: np.ndarray, k: int, *, seed: int = 0, lam: float 
             res = solver.solve(b, a if sparse else None)
             if sparse:
                 mass = solver.mass()
-                pool.call_each("set_alignment", [
+                counts = pool.call_each("set_alignment", [
                     (n_alive, min_share, None, (owner_local[owner == s], mass[owner == s]))
                     for s in range(len(pool.handles))])
             else:
-                pool.call("set_alignment", n_alive, min_share, b)
+                counts = pool.call("set_alignment", n_alive, min_share, b)
             ot_log.append({"block": block, "iterations": res.iterations,
                            "converged": res.converged, "violation": res.violation,
                            "marginal_err": res.marginal_err, "cost": res.cost,
                            "targets_left": int((b > 0).sum())})
         else:  # every target's candidates are picked: no alignment left, novelty decides
-            pool.call("set_alignment", n_alive, min_share)
+            counts = pool.call("set_alignment", n_alive, min_share)
         timing["ot"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        out, at = greedy.block(size, n_alive)
+        out, at = greedy.block(size, *np.sum(counts, axis=0).tolist())
         out["block"] = np.full(size, block)
         picks.append(out)
         where += at

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from evoray.select.evoselect import novelty_bins
+
 __all__ = ["ShardedGreedy", "TopOrder"]
 
 FIELDS = ("align", "gpos", "local", "nov")
@@ -19,9 +21,10 @@ DTYPES = {"align": np.float64, "gpos": np.int64, "local": np.int64, "nov": np.fl
 
 
 class TopOrder:
-    """The alive candidates of every shard in global alignment order (alignment descending,
-    then pool position), fetched a chunk at a time: ``align``, ``gpos``, ``shard``, ``local``,
-    ``nov`` (current novelty) and ``alive`` of the first ``len(self)`` of ``total``."""
+    """The alive candidates of every shard that have a finite alignment, in global alignment
+    order (alignment descending, then pool position), fetched a chunk at a time: ``align``,
+    ``gpos``, ``shard``, ``local``, ``nov`` (current novelty) and ``alive`` of the first
+    ``len(self)`` of ``total``."""
 
     def __init__(self, handles, total: int, pending: list):
         self.handles, self.total, self.pending = handles, total, pending
@@ -77,6 +80,8 @@ class TopOrder:
 
     def ensure(self, end: int) -> None:
         """Extend to ``end`` and until the tie group of candidate ``end − 1`` is complete."""
+        if end <= 0:
+            return
         self.extend(end)
         a = self.cols["align"]
         while len(self) < self.total and np.isfinite(a[end - 1]) and a[-1] == a[end - 1]:
@@ -123,38 +128,56 @@ class ShardedGreedy:
         self.pending: list = [None] * len(handles)
 
     def _bin(self, x: np.ndarray) -> np.ndarray:
-        return np.minimum((np.clip(x, 0, 2) * (self.bins / 2)).astype(np.int64), self.bins - 1)
+        return novelty_bins(x, self.bins)
 
-    def block(self, count: int, n_block: int) -> tuple[dict[str, np.ndarray], list]:
-        """Pick ``count`` of the ``n_block`` alive candidates by the alignment the shards hold.
-        Returns the local block's per-pick arrays (``index`` = pool positions) and each pick's
-        ``(shard, local row)``."""
-        lam, order = self.lam, TopOrder(self.handles, n_block, self.pending)
+    def block(self, count: int, n_finite: int, n_tail: int
+              ) -> tuple[dict[str, np.ndarray], list]:
+        """Pick ``count`` of the alive candidates by the alignment the shards hold:
+        ``n_finite`` with a finite alignment, in :class:`TopOrder`, and ``n_tail`` at −inf,
+        all tied (rank 0), of which only the best by novelty can win, asked of the shards
+        when the scan reaches them. Returns the local block's per-pick arrays (``index`` =
+        pool positions) and each pick's ``(shard, local row)``."""
+        import ray
+
+        lam, order = self.lam, TopOrder(self.handles, n_finite, self.pending)
         out = {k: np.empty(count) for k in ("alignment", "novelty", "alignment_term",
                                             "novelty_term", "score")}
         out["index"] = np.empty(count, np.int64)
-        where, dead, start = [], np.empty(0, np.int64), 0
+        where, dead, start, tail_taken = [], np.empty(0, np.int64), 0, 0
         for t in range(count):
-            n_alive = n_block - len(dead)
-            order.ensure(start + 1)
-            while not order.alive[start]:
+            n_alive = n_finite + n_tail - len(dead) - tail_taken
+            order.ensure(min(start + 1, n_finite))
+            while start < n_finite and not order.alive[start]:
                 start += 1
-                order.ensure(start + 1)
+                order.ensure(min(start + 1, n_finite))
             below = np.concatenate([[0], np.cumsum(self.hist)])
             rn_max = below[np.flatnonzero(self.hist)[-1]]
             width = self.width
             while True:
-                end = min(start + width, n_block)
+                end = min(start + width, n_finite)
                 order.ensure(end)
                 pos = start + np.flatnonzero(order.alive[start:end])
                 tie = order.tie_end(pos)
                 ra = n_alive - (tie - np.searchsorted(dead, tie))
                 nov = order.cols["nov"][pos]
+                penal = nov < self.min_novelty
+                full = end == n_finite
+                best = None
+                if full and tail_taken < n_tail:  # the −inf tail: rank 0, its best by novelty
+                    found = ray.get([h.tail_best.remote(self.min_novelty, self.bins,
+                                                        self.pending[s])
+                                     for s, h in enumerate(self.handles)])
+                    self.pending = order.pending = [None] * len(self.handles)
+                    best = min((b[0], -b[1], b[3], s) for s, b in enumerate(found)
+                               if b is not None)
+                    best = found[best[3]] + (best[3],)
+                    pos, ra = np.append(pos, -1), np.append(ra, 0)
+                    nov, penal = np.append(nov, best[2]), np.append(penal, best[0])
                 rn = below[self._bin(nov)]
                 score = (1 - lam) * ra + lam * rn
-                score[nov < self.min_novelty] -= 2 * self.n  # near-duplicates last
+                score[penal] -= 2 * self.n  # near-duplicates last
                 j = int(np.argmax(score))
-                if end == n_block:
+                if full:
                     break
                 ra_beyond = n_alive - (end - np.searchsorted(dead, end))
                 if score[j] >= (1 - lam) * ra_beyond + lam * rn_max:
@@ -163,16 +186,22 @@ class ShardedGreedy:
             self.width = max(64, width // 2)
             p = int(pos[j])
             scale = 1.0 / max(n_alive - 1, 1)
-            out["index"][t] = order.cols["gpos"][p]
-            out["alignment"][t] = order.cols["align"][p]
-            out["novelty"][t] = nov[j]
             out["alignment_term"][t] = (1 - lam) * ra[j] * scale
             out["novelty_term"][t] = lam * rn[j] * scale
             out["score"][t] = score[j] * scale
-            order.alive[p] = False
-            dead = np.insert(dead, np.searchsorted(dead, p), p)
-            where.append((int(order.cols["shard"][p]), int(order.cols["local"][p])))
-            self.hist[self._bin(nov[j:j + 1])[0]] -= 1
+            out["novelty"][t] = nov[j]
+            if p < 0:  # the tail's best
+                _, _, _, gpos, local, shard = best
+                out["index"][t], out["alignment"][t] = gpos, -np.inf
+                tail_taken += 1
+                where.append((int(shard), int(local)))
+            else:
+                out["index"][t] = order.cols["gpos"][p]
+                out["alignment"][t] = order.cols["align"][p]
+                order.alive[p] = False
+                dead = np.insert(dead, np.searchsorted(dead, p), p)
+                where.append((int(order.cols["shard"][p]), int(order.cols["local"][p])))
+            self.hist[self._bin(np.array([nov[j]], np.float32))[0]] -= 1
             self._lower(*where[-1], order)
         return out, where
 

@@ -1,6 +1,5 @@
 """``select.backend: sharded`` on the suite's local Ray: the same folder as the local backend,
-and the same picks where the algorithm is the same (dense novelty; dense or kNN-sparse OT;
-random; attribution). Each selection starts its shards' actors (about 10 s each on a busy
+and the same picks (dense or kNN novelty; dense or kNN-sparse OT; random; attribution). Each selection starts its shards' actors (about 10 s each on a busy
 2-core machine, most of it importing torch), so only the dense case is in the fast tier."""
 
 import numpy as np
@@ -77,13 +76,17 @@ def test_random_and_attribution_sharded_are_exact(ray_session, folders, method):
 
 
 @pytest.mark.slow
-def test_knn_novelty_on_one_shard_is_the_local_knn_path(ray_session, folders):
+def test_knn_novelty_over_shards_is_the_local_knn_path(ray_session, folders):
+    """One IVF index trained as the local backend trains it, each shard adding its rows: a
+    search probes the same lists in every shard, so the merged neighbours, and the picks, are
+    the local ones."""
     from evoray.config.sections import EvoSelectSettings
 
-    settings = EvoSelectSettings(novelty="knn")
+    settings = EvoSelectSettings(novelty="knn", sparse_above=500)
     local, _, _ = run(folders, "local-knn", method="evoselect", ratio=0.1, evoselect=settings)
-    sharded, _, _ = run(folders, "sharded-knn", method="evoselect", ratio=0.1,
-                        evoselect=settings, backend="sharded", shards=1)
+    sharded, summary, _ = run(folders, "sharded-knn", method="evoselect", ratio=0.1,
+                              evoselect=settings, backend="sharded", shards=3)
+    assert summary["diagnostics"]["novelty"] == "knn"
     assert sharded["id"] == local["id"]
 
 
