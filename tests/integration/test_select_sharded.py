@@ -1,6 +1,7 @@
 """``select.backend: sharded`` on the suite's local Ray: the same folder as the local backend,
-and the same picks (dense or kNN novelty; dense or kNN-sparse OT; random; attribution). Each selection starts its shards' actors (about 10 s each on a busy
-2-core machine, most of it importing torch), so only the dense case is in the fast tier."""
+and the same picks (dense or kNN novelty; dense or kNN-sparse OT; random; attribution). Each
+selection starts its shards' actors (about 10 s each on a busy 2-core machine, most of it
+importing torch), so only the dense case is in the fast tier."""
 
 import numpy as np
 import pyarrow.parquet as pq
