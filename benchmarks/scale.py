@@ -24,7 +24,9 @@ How each figure is measured, while ``featurize`` runs in the main thread:
   Ray start), with no sampling gap. The pool is generated in a subprocess so that it does not count.
 
 Prints a table, exits with status 1 if a limit is missed; writes ``benchmarks/results/scale.json``
-and ``benchmarks/results/scale.md``.
+and ``benchmarks/results/scale.md``, and keeps one row per pool size in
+``benchmarks/results/scale_sizes.json`` (the table "Object-store peak by pool size": run it with
+``--n 50000``, ``100000`` and ``200000`` to see whether the peak is flat in N).
 
     python benchmarks/scale.py [--n 100000] [--out runs/scale] [--batch-size 16]
 """
@@ -154,6 +156,29 @@ class Sampler(threading.Thread):
 
     def peak(self, key: str) -> int:
         return max((s[key] for s in self.samples if key in s), default=0)
+
+
+def sizes_section(result: dict) -> str:
+    """Record this run in ``results/scale_sizes.json`` (one row a pool size, the last run of
+    each) and return the Markdown of every size: is the object-store peak flat in N?"""
+    path = RESULTS / "scale_sizes.json"
+    rows = json.loads(path.read_text()) if path.exists() else {}
+    rows[str(result["candidates"])] = {k: result[k] for k in (
+        "candidates", "wall_s", "peak_object_store_bytes", "spilled_bytes_total",
+        "peak_driver_rss_bytes", "batch_size", "dim")}
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+    md = ["## Object-store peak by pool size", "",
+          "One `python benchmarks/scale.py --n N` run a row (the last one of each N):", "",
+          "| candidates | wall time | peak object store | spilled | peak driver RSS |",
+          "| ---: | ---: | ---: | ---: | ---: |"]
+    for r in sorted(rows.values(), key=lambda r: r["candidates"]):
+        md.append(f"| {r['candidates']:,} | {r['wall_s']:.0f} s | "
+                  f"{fmt_gb(r['peak_object_store_bytes'])} | {r['spilled_bytes_total']:,} | "
+                  f"{r['peak_driver_rss_bytes'] / 1e9:.2f} GB |")
+    peaks = [r["peak_object_store_bytes"] for r in rows.values()]
+    if len(peaks) > 1:
+        md += ["", f"Largest peak / smallest: {max(peaks) / max(min(peaks), 1):.2f}."]
+    return "\n".join(md) + "\n"
 
 
 def fmt_gb(b: float) -> str:
@@ -287,6 +312,7 @@ def main() -> int:
 
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
+    by_size = sizes_section(result)
     md_path = RESULTS / "scale.md"  # keeps the section benchmarks/scale_select.py writes
     kept = md_path.read_text().partition(SELECT_MARK) if md_path.exists() else ("", "", "")
     md_path.write_text(
@@ -298,7 +324,7 @@ def main() -> int:
         "Object store: `Plasma memory usage` of `ray memory --stats-only`, sampled every "
         f"{args.interval} s. Spilled: its cumulative `Spilled`, plus file-backed fallback "
         "allocations and files in the spill folder. Driver RSS: the larger of psutil "
-        "samples and `getrusage` `ru_maxrss` (the whole process life).\n"
+        "samples and `getrusage` `ru_maxrss` (the whole process life).\n\n" + by_size
         + (f"\n{kept[1]}{kept[2]}" if kept[1] else ""))
     if not args.keep:
         shutil.rmtree(features, ignore_errors=True)
