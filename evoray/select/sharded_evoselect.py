@@ -20,15 +20,21 @@ __all__ = ["evoselect_sharded"]
 
 
 def _sparse_costs(pool, Vh: np.ndarray, k: int):
-    """Each target's k nearest candidates over every shard, merged: costs (M, k), their
+    """Each target's k nearest candidates over every shard, merged shard by shard (the driver
+    holds two shards' lists at most, whatever the number of shards): costs (M, k), their
     compact index (M, k) into the listed candidates, and each listed one's (shard, local)."""
-    res = pool.call("knn", Vh, k)
-    sims = np.hstack([r[0] for r in res])
-    gpos = np.hstack([r[1] for r in res])
-    local = np.hstack([r[2] for r in res])
-    shard = np.hstack([np.full(r[1].shape, s) for s, r in enumerate(res)])
-    top = np.lexsort((gpos, -sims))[:, :k]
-    sims, gpos, local, shard = (np.take_along_axis(x, top, 1) for x in (sims, gpos, local, shard))
+    import ray
+
+    refs = [h.knn.remote(Vh, k) for h in pool.handles]
+    best = None
+    for s, ref in enumerate(refs):
+        sims, gpos, local = ray.get(ref)
+        mine = (sims, gpos, local, np.full(gpos.shape, s))
+        best = mine if best is None else tuple(np.hstack(x) for x in zip(best, mine,
+                                                                          strict=True))
+        top = np.lexsort((best[1], -best[0]))[:, :k]
+        best = tuple(np.take_along_axis(x, top, 1) for x in best)
+    sims, gpos, local, shard = best
     listed, first, idx = np.unique(gpos, return_index=True, return_inverse=True)
     C = ((1.0 - sims) / 2).astype(np.float32)
     return C, idx.reshape(gpos.shape), shard.ravel()[first], local.ravel()[first]
