@@ -21,7 +21,10 @@ Plan of a run (``featurize``):
    batch a forward/backward, ``num_gpus`` and ``num_cpus`` per actor from the config, and
    ``memory`` estimated from the model's size, the projection cache and the largest planned
    batch (:func:`evoray.features.plan.actor_memory`). Each actor loads the model once.
-5. **Write** Parquet under a temporary name, then ``meta.json``, then rename to the final name.
+5. **Write** Parquet under a temporary name, streamed: each block the actors finish is written
+   by a task as ``part-<first row>.parquet`` (:func:`write_block`) and only its summary reaches
+   the driver, so the object store holds the blocks in flight, not the pool's features; then
+   ``meta.json``, then rename to the final name.
 
 If the output folder already holds features whose ``input_hash`` (pool bytes, model, adapter,
 Adam state and every setting that changes a feature; :mod:`evoray.features.key`) matches, they
