@@ -76,14 +76,15 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def loop_rate(ext: FeatureExtractor, batch, n: int) -> float:
-    """LESS: per sample, forward + backward, then project that one gradient."""
+def loop_rate(ext: FeatureExtractor, batch, n: int, device: str = "cpu") -> float:
+    """LESS: per sample, forward + backward, then project that one gradient (on ``device``;
+    CUDA is synchronised before each time is read)."""
     proj = ext.projector
 
     def one(i):
         sample = {k: v[i:i + 1] for k, v in batch.items()}
         grads, _ = reference_gradients(ext.model, sample)
-        out = torch.zeros(1, proj.dim)
+        out = torch.zeros(1, proj.dim, device=device)
         for p, g in enumerate(grads):
             g = g.reshape(1, -1)
             for c, start in enumerate(range(0, proj.sizes[p], proj.block_rows)):
@@ -96,6 +97,8 @@ def loop_rate(ext: FeatureExtractor, batch, n: int) -> float:
     for i in range(n):
         t0 = time.perf_counter()
         one(i)
+        if device == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return 1 / statistics.median(times)
 

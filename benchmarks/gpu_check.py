@@ -29,11 +29,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from features import make_batch  # noqa: E402  (benchmarks/features.py)
+from features import loop_rate, make_batch  # noqa: E402  (benchmarks/features.py)
 
 from evoray.config import FeaturesConfig  # noqa: E402
 from evoray.features.extract import FeatureExtractor  # noqa: E402
-from evoray.features.grads import reference_gradients  # noqa: E402
 from evoray.lora import lora_pairs  # noqa: E402
 from evoray.models import load_model  # noqa: E402
 
@@ -89,23 +88,6 @@ def timed(fn, repeats: int, device: str) -> float:
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def loop_rate(ext: FeatureExtractor, batch, n: int, device: str) -> float:
-    """LESS: per sample, forward + backward, then that gradient projected (samples/s)."""
-    proj = ext.projector
-
-    def one(i):
-        grads, _ = reference_gradients(ext.model, {k: v[i:i + 1] for k, v in batch.items()})
-        out = torch.zeros(1, proj.dim, device=device)
-        for p, g in enumerate(grads):
-            g = g.reshape(1, -1)
-            for c, start in enumerate(range(0, proj.sizes[p], proj.block_rows)):
-                chunk = g[:, start:start + proj.block_rows]
-                out.addmm_(chunk, proj._block(p, c, chunk.shape[1]))
-        return out
-
-    return n / timed(lambda: [one(i) for i in range(n)], 1, device)
 
 
 def smollm2_shaped():
