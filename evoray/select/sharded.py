@@ -29,6 +29,7 @@ every candidate's potential).
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -37,9 +38,17 @@ import pyarrow.parquet as pq
 from evoray.select.geometry import unit
 from evoray.select.selection import Selection
 
-__all__ = ["PER_SHARD", "RemoteParts", "ShardedPool", "plan_shards", "select_sharded"]
+__all__ = ["PER_SHARD", "RemoteParts", "ShardedPool", "plan_shards", "select_sharded",
+           "shard_cpus"]
 
 PER_SHARD = 500_000  # candidates a shard by default
+
+
+def shard_cpus(free: float, shards: int) -> float:
+    """CPUs each of ``shards`` actors reserves when ``free`` CPUs are free: at most one, rounded
+    down to 0.01 (Ray refuses a fraction finer than 0.0001; a leftover 0.00015 CPU once gave
+    5e-05), so 0 when next to nothing is free."""
+    return min(1.0, math.floor(free / shards * 100) / 100)
 
 
 def plan_shards(sizes: list[int], shards: int | None = None) -> list[list[int]]:
@@ -77,8 +86,9 @@ class ShardedPool:
         shards: number of actors (default one per :data:`PER_SHARD` candidates, at most one a
             file).
         dtype: convert features while reading.
-        num_cpus: CPUs reserved per actor; default ``min(1, free CPUs / shards)`` (0 when none
-            is free), so that every shard is placed at once: the driver waits on all of them.
+        num_cpus: CPUs reserved per actor; default ``min(1, free CPUs / shards)`` rounded down
+            to 0.01 (0 when none is free), so that every shard is placed at once: the driver
+            waits on all of them.
             Shards are spread over the cluster's nodes.
     """
 
@@ -93,7 +103,7 @@ class ShardedPool:
         sizes = [pq.read_metadata(f, filesystem=fs).num_rows for f in files]
         groups = plan_shards(sizes, shards)
         if num_cpus is None:  # what is free now, so that every shard is placed at once
-            num_cpus = min(1.0, ray.available_resources().get("CPU", 0.0) / len(groups))
+            num_cpus = shard_cpus(ray.available_resources().get("CPU", 0.0), len(groups))
         actor = ray.remote(num_cpus=num_cpus, scheduling_strategy="SPREAD")(FeatureShard)
         self.handles = [actor.remote(features, [files[i] for i in g], dtype) for g in groups]
         info = self.call("pool_rows")

@@ -11,7 +11,7 @@ from evoray.config import SelectConfig
 from evoray.data.features import features_table, write_features
 from evoray.errors import ConfigError
 from evoray.select.io import select_files
-from evoray.select.sharded import plan_shards
+from evoray.select.sharded import plan_shards, shard_cpus
 
 N, D, M = 1500, 24, 30
 
@@ -108,6 +108,14 @@ def test_plan_shards_keeps_files_whole_and_balances_rows():
     assert plan_shards([400_000, 400_000, 400_000]) == [[0], [1], [2]]  # 1.2M: 3 shards
     groups = plan_shards([250_000] * 8)  # 2M rows: one shard per 500,000
     assert len(groups) == 4 and sorted(sum(groups, [])) == list(range(8))
+
+
+def test_shard_cpus_is_a_fraction_ray_accepts():
+    """A leftover 0.00015 free CPU split over 3 shards once asked Ray for 5e-05 CPU, which it
+    refuses (4 decimals at most): the reservation is rounded down to 0.01."""
+    assert shard_cpus(0.00015, 3) == 0.0
+    assert shard_cpus(2.0, 3) == 0.66
+    assert shard_cpus(16.0, 4) == 1.0
 
 
 @pytest.mark.slow
