@@ -267,6 +267,21 @@ def test_greedy_fast_path_equals_brute_force(lam):
     assert len(set(got.tolist())) == 60
 
 
+@pytest.mark.parametrize("lam", [0.25, 1.0])
+def test_greedy_deep_into_the_unaligned_tail_equals_brute_force(lam):
+    """Most rows at −inf (a kNN-sparse pool) and picks far into them, with duplicate groups in
+    the tail, so that the tail's top novelty bin runs out and near-duplicates come last."""
+    rng = np.random.default_rng(1)
+    X = unit(rng.normal(size=(300, 4)))
+    X[250:] = X[200:250]  # 50 tail rows each with an exact copy
+    align = np.full(300, -np.inf)
+    align[rng.choice(300, 40, replace=False)] = rng.random(40)
+    greedy = Greedy(300, lam, lambda i: (np.arange(300), X @ X[i]))
+    got = np.concatenate([greedy.block(align, 130)["index"], greedy.block(align, 130)["index"]])
+    ref = reference_greedy([align, align], X, lam, 130)
+    assert got.tolist() == ref.tolist()
+
+
 def test_evoselect_aligned_and_free_of_near_duplicates(data):
     """k = 150, the number of distinct aligned candidates (see test below for k = 200)."""
     G, V, _ = data
