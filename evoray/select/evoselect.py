@@ -79,6 +79,7 @@ class Greedy:
         self.novelty = np.ones(n, np.float32)  # 1 while nothing is selected
         self.bin = self._bin(self.novelty)
         self.hist = np.bincount(self.bin, minlength=bins)
+        self.top = int(np.flatnonzero(self.hist)[-1])  # highest occupied bin: only falls
         self.width = 64  # scan width of the alignment order, adapted pick by pick
 
     def _bin(self, x: np.ndarray) -> np.ndarray:
@@ -116,7 +117,9 @@ class Greedy:
             while start < n_fin and not alive_at[start]:
                 start += 1
             below = np.concatenate([[0], np.cumsum(self.hist)])  # alive with a lower bin
-            rn_max = below[np.flatnonzero(self.hist)[-1]]
+            while self.hist[self.top] == 0:  # novelty only falls: so does the top bin
+                self.top -= 1
+            rn_max = below[self.top]
             width = self.width
             while True:
                 end = min(start + width, n_fin)
