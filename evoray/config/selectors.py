@@ -71,7 +71,8 @@ class TsdsSettings(_Stage):
     max_K: int = _f(5000, "neighbours per target (capped at N // 10)")
     kde_K: int = _f(1000, "neighbours per KDE query (capped at N // 10)")
     replace: bool = _f(True, "draw with replacement (the authors' way); false = k distinct")
-    exact_max: int = _f(100_000, "exact kNN up to this many candidates, faiss IVF above")
+    exact_max: int = _f(20_000, "exact kNN up to this many candidates, faiss IVF above (the "
+                        "authors' settings)")
 
     def _check(self) -> None:
         self._require(0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]")
