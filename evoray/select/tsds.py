@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 
+import faiss
 import numpy as np
 
 from evoray.select.geometry import UnitRows, blocks, ivf_index, knn
@@ -75,11 +76,21 @@ def _searcher(U: UnitRows, exact: bool, seed: int, subset: np.ndarray | None = N
     index = ivf_index(U, nlist=max(1, int(np.sqrt(n)) // 2), nprobe=10, codec="Flat",
                       metric="l2", seed=seed, subset=subset)
 
+    ivf = faiss.extract_index_ivf(index)
+
     def search(Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         D = np.empty((len(Q), k), np.float32)
         Idx = np.empty((len(Q), k), np.int64)
         for s, e in blocks(len(Q), 1024):
             D[s:e], Idx[s:e] = index.search(np.ascontiguousarray(Q[s:e]), k)
+        # a query whose probed lists hold fewer than k rows: again with nprobe doubled until
+        # they do (at 100k × 1024 mixture features, 158 lists with 10 probed fell short)
+        short, nprobe = np.flatnonzero((Idx < 0).any(axis=1)), ivf.nprobe
+        while len(short) and nprobe < ivf.nlist:
+            nprobe = min(2 * nprobe, ivf.nlist)
+            D[short], Idx[short] = index.search(np.ascontiguousarray(Q[short]), k,
+                                                params=faiss.SearchParametersIVF(nprobe=nprobe))
+            short = short[(Idx[short] < 0).any(axis=1)]
         if subset is not None:
             Idx = np.where(Idx >= 0, subset[np.maximum(Idx, 0)], -1)
         return D, Idx
@@ -121,7 +132,7 @@ def tsds(G: np.ndarray, V: np.ndarray, k: int, *, seed: int = 0, alpha: float = 
     exact = n <= exact_max
     D2, idx = _searcher(U, exact, seed)(Vh, K)
     if (idx < 0).any():
-        raise ValueError("the IVF index returned fewer neighbours than max_K; raise nprobe")
+        raise ValueError("the IVF index returned fewer neighbours than max_K with every list probed")
     dists = np.sqrt(np.maximum(D2, 0)).astype(np.float64)
     kde_rows = np.full(n, np.nan)
     if sigma == 0:

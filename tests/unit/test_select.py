@@ -213,6 +213,23 @@ def test_tsds_matches_the_authors_loop(alpha, C, sigma):
         {i: int(c) for i, c in enumerate(counts) if c}
 
 
+def test_tsds_ivf_probes_more_lists_where_the_probed_ones_fall_short():
+    """1,800 rows in one tight blob take one IVF list; a target among the 200 spread rows probes
+    10 small lists holding fewer than its K = 200 neighbours: nprobe is doubled for it (this
+    raised before) and the probabilities' support is the exact path's."""
+    rng = np.random.default_rng(0)
+    blob = np.zeros(16)
+    blob[0] = 10
+    G = np.vstack([blob + rng.normal(size=(1800, 16)) * 0.001,
+                   rng.normal(size=(200, 16))]).astype(np.float32)
+    V = rng.normal(size=(20, 16)).astype(np.float32)
+    ivf = select(G, V, 50, method="tsds", exact_max=0)
+    exact = select(G, V, 50, method="tsds")
+    assert not ivf.diagnostics["exact_knn"] and exact.diagnostics["exact_knn"]
+    a, b = ivf.scores["probability"] > 0, exact.scores["probability"] > 0
+    assert (a & b).sum() / (a | b).sum() >= 0.95
+
+
 def test_tsds_kde_down_weights_near_copies(data):
     G, V, src = data
     sel = select(G, V, 200, method="tsds")
