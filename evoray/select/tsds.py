@@ -132,7 +132,7 @@ def tsds(G: np.ndarray, V: np.ndarray, k: int, *, seed: int = 0, alpha: float = 
     exact = n <= exact_max
     D2, idx = _searcher(U, exact, seed)(Vh, K)
     if (idx < 0).any():
-        raise ValueError("the IVF index returned fewer neighbours than max_K with every list probed")
+        raise ValueError("the IVF index returned fewer neighbours than max_K, every list probed")
     dists = np.sqrt(np.maximum(D2, 0)).astype(np.float64)
     kde_rows = np.full(n, np.nan)
     if sigma == 0:
