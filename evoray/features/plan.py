@@ -65,13 +65,16 @@ def plan_batches(lengths: np.ndarray, keys: np.ndarray,
     return slot // batch_size, slot
 
 
-def assign_batch(batch: dict, sorted_ids: np.ndarray, rows: np.ndarray, batches: np.ndarray,
-                 slots: np.ndarray) -> dict:
-    """Ray Data UDF: add ``row``, ``batch`` and ``slot`` from the driver's plan (by id)."""
-    ids = batch["id"].astype(str)
+def assign_batch(batch: pa.Table, sorted_ids: np.ndarray, rows: np.ndarray,
+                 batches: np.ndarray, slots: np.ndarray, units: np.ndarray) -> pa.Table:
+    """Ray Data UDF (pyarrow batches, so that ``input_ids`` stays a plain list column in the
+    Parquet files it goes to): add ``row``, ``batch``, ``slot`` and ``unit`` from the driver's
+    plan (by id)."""
+    ids = np.asarray(batch["id"].to_pylist(), dtype=str)
     pos = np.searchsorted(sorted_ids, ids)
-    return {"id": ids, "input_ids": batch["input_ids"], "n_context": batch["n_context"],
-            "row": rows[pos], "batch": batches[pos], "slot": slots[pos]}
+    return pa.table({"id": ids, "input_ids": batch["input_ids"],
+                     "n_context": batch["n_context"], "row": rows[pos], "batch": batches[pos],
+                     "slot": slots[pos], "unit": units[pos]})
 
 
 def batch_tokens(lengths: np.ndarray, batches: np.ndarray) -> int:

@@ -2,8 +2,9 @@
 
 Plan of a run (``featurize``):
 
-1. **Tokenize** the pool with Ray Data tasks (order preserved, so each candidate gets its row,
-   its position in the file), keeping each candidate's token count and a status.
+1. **Plan pass**: Ray Data tasks tokenize the pool (order preserved, so each candidate gets
+   its row, its position in the file) and only each candidate's token count, content key and
+   status reach the driver; the tokens are dropped.
 2. **Check** on the driver: a candidate whose response does not fit ``max_length`` (the prompt is
    cut from the left first; see :mod:`evoray.data.tokenize`) fails the run naming its line/row,
    or with ``on_bad="skip"`` is left out and counted (log and ``meta.json``).
@@ -15,16 +16,21 @@ Plan of a run (``featurize``):
    the file, their ids or their meta, a record is computed in the same batch, at the same place,
    with the same padding whatever the pool's order and the number of actors or blocks: its
    feature is byte-identical. (Records of identical content are interchangeable, so their ties
-   need no other order.)
-4. **Extract**: rows sorted by batch into blocks of whole batches (at most 4 per actor), then
-   ``map_batches(FeatureActor, compute=ActorPoolStrategy(size=n))`` over the blocks, one planned
+   need no other order.) Consecutive batches form *units* of about ``UNIT_ROWS`` rows (at
+   least 4 units per actor), the actors' unit of work.
+4. **File the tokens**: a second pass tokenizes again and writes each row to Parquet under its
+   unit (``write_parquet(partition_cols=["unit"])``) in the output's temporary folder. This
+   replaces a sort in the object store, which held every token there at once (the store's
+   peak grew with the pool: figures in docs/algorithms.md §1).
+5. **Extract**: ``map_batches(FeatureActor, compute=ActorPoolStrategy(size=n))`` over the
+   unit numbers, each actor reading its unit's rows back, one planned
    batch a forward/backward, ``num_gpus`` and ``num_cpus`` per actor from the config, and
    ``memory`` estimated from the model's size, the projection cache and the largest planned
    batch (:func:`evoray.features.plan.actor_memory`). Each actor loads the model once.
-5. **Write** Parquet under a temporary name, streamed: each block the actors finish is written
+6. **Write** Parquet under a temporary name, streamed: each block the actors finish is written
    by a task as ``part-<first row>.parquet`` (:func:`write_block`) and only its summary reaches
    the driver, so the object store holds the blocks in flight, not the pool's features; then
-   ``meta.json``, then rename to the final name.
+   the token files are deleted, ``meta.json`` written, and the folder renamed to its final name.
 
 If the output folder already holds features whose ``input_hash`` (pool bytes, model, adapter,
 Adam state and every setting that changes a feature; :mod:`evoray.features.key`) matches, they
@@ -62,12 +68,17 @@ log = logging.getLogger("evoray.features")
 
 __all__ = ["featurize"]
 
+UNIT_ROWS = 4096  # rows of a unit of work: 16 MiB of float32 features at dim 1024
+TOKENS_DIR = "_tokens"  # pass 2's token files, inside the output's temporary folder
+
 class FeatureActor:
-    """Ray Data actor: one :class:`FeatureExtractor` (model loaded once), one block of whole
-    planned batches a call; returns the block's rows in the features schema."""
+    """Ray Data actor: one :class:`FeatureExtractor` (model loaded once), one unit of whole
+    planned batches a call, read by the actor from ``folder/unit=<u>/`` (read there, not by an
+    upstream task, since Ray Data may split a task's output block, and with it a batch);
+    returns the unit's rows in the features schema."""
 
     def __init__(self, model: str, cfg: dict, adapter: str | None, adam_state: str | None,
-                 cache_dir: str | None, pad_token_id: int):
+                 cache_dir: str | None, pad_token_id: int, folder: str, fs: pafs.FileSystem):
         import torch
 
         from evoray.features.extract import FeatureExtractor
@@ -80,12 +91,22 @@ class FeatureActor:
         base, tok = load_model(model, cache_dir=cache_dir)
         self.extractor = FeatureExtractor(base, tok, self.cfg, adapter=adapter,
                                           adam_state=adam_state, device=device)
-        self.pad = pad_token_id
+        self.pad, self.folder, self.fs = pad_token_id, folder, fs
 
-    def __call__(self, block: dict) -> pa.Table:
+    def __call__(self, units: dict) -> pa.Table:
+        """The features of the rows of ``units["unit"]`` (one unit, as planned)."""
+        import pyarrow.parquet as pq
+
+        tables = []
+        for u in units["unit"]:
+            t = pq.read_table(f"{self.folder}/unit={u}", filesystem=self.fs)
+            tables.append(self.features({k: t[k].to_numpy() for k in t.column_names}))
+        return pa.concat_tables(tables)
+
+    def features(self, block: dict) -> pa.Table:
         """The features of a block's rows: whole planned batches, one forward/backward each,
         projected in passes of several batches (:meth:`FeatureExtractor.many`)."""
-        if not len(block["batch"]):  # a sort may leave a block empty
+        if not len(block["batch"]):  # an empty block: nothing to compute
             dtype = np.float16 if self.cfg.dtype == "float16" else np.float32
             return self._table([], [], np.zeros((0, self.extractor.dim), dtype), [], [])
         order = np.argsort(block["batch"], kind="stable")  # one pass, not a mask per batch
@@ -150,7 +171,6 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
     """
     import ray
     import ray.data
-    from ray.data.context import ShuffleStrategy
 
     from evoray.data.features import write_folder_atomically
     from evoray.data.io import read_dataset
@@ -186,23 +206,15 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
     # UserCodeException, whose cause does not survive the trip back to the driver.
     raise_original = ctx.raise_original_map_exception
     ctx.raise_original_map_exception = True
-    # Rows are grouped into batches by a sort on plain tasks (the strategy below: repartition
-    # and sort must not fall back to the default), not by Ray Data's groupby with its default
-    # hash shuffle, which starts aggregator actors of its own on every run (and holds
-    # CPUs that a small cluster's feature actors need). The sort is faster and cheaper in CPU
-    # and gives the same bytes (figures: docs/algorithms.md §1).
-    shuffle = ctx.shuffle_strategy
-    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     try:
         preserve = ctx.execution_options.preserve_order
         ctx.execution_options.preserve_order = True
-        try:
+        try:  # pass 1, streamed: each candidate's length, key and status; the tokens are dropped
             records = read_dataset(pool_path, kind, columns=["id", "prompt", "response"])
             tokens = records.map_batches(
                 tokenize_batch, fn_kwargs={"model": model_spec, "max_length": cfg.max_length,
                                       "cache_dir": cache_dir},
                 batch_size=256, batch_format="numpy")
-            tokens = tokens.materialize()
             plan = tokens.select_columns(["id", "length", "key", "status"]).to_pandas()
         except Exception as e:  # a bad record, found by the tasks that read it
             inner = unwrap_error(e)
@@ -232,46 +244,53 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
         slot_of = np.zeros(len(plan), np.int64)
         batch_of[keep], slot_of[keep] = plan_batches(
             plan["length"].to_numpy()[keep], plan["key"].to_numpy()[keep], cfg.batch_size)
+        n_batches = max(1, -(-len(keep) // cfg.batch_size))
+        per_unit = unit_batches(n_batches, cfg.batch_size, cfg.num_actors)
+        n_units = -(-n_batches // per_unit)
         ids = plan["id"].to_numpy().astype(str)
+        lengths = plan["length"].to_numpy()[keep]
         by_id = np.argsort(ids, kind="stable")
         pad = load_tokenizer(model_spec, cache_dir=cache_dir).pad_token_id
+        del plan
 
+        # pass 2 tokenizes again (cheaper than keeping every token in the object store) and
+        # files each row under its unit, a run of whole planned batches
         ds = tokens.filter(expr="status == ''") if len(bad) else tokens
-        ds = ds.map_batches(assign_batch, batch_format="numpy", fn_kwargs={
+        ds = ds.map_batches(assign_batch, batch_format="pyarrow", fn_kwargs={
             "sorted_ids": ids[by_id], "rows": by_id.astype(np.int64),
-            "batches": batch_of[by_id], "slots": slot_of[by_id]})
-        # Blocks of whole batches, at most 4 per actor (every actor gets work; a restarted actor
-        # redoes one block; each block costs the sort two tasks, so more blocks cost time:
-        # docs/algorithms.md §1), each its own input of the actor stage: a sort's output is one
-        # bundle of blocks, which would be one task, on one actor.
-        n_batches = max(1, -(-len(keep) // cfg.batch_size))
-        n_blocks = min(n_batches, 4 * cfg.num_actors)
-        grouped = ds.repartition(n_blocks).sort("batch")
-        blocks = ray.data.from_arrow_refs(grouped.materialize().to_arrow_refs())
-        memory = _actor_memory(shape, dim, cfg, batch_tokens(  # rows: of the fullest block
-            plan["length"].to_numpy()[keep], batch_of[keep]),
-            -(-n_batches // n_blocks) * cfg.batch_size)
-        feats = blocks.map_batches(
-            FeatureActor, batch_size=None, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-            num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, memory=memory,
-            fn_constructor_kwargs={"model": model_spec, "cfg": config_to_dict(cfg),
-                                   "adapter": adapter, "adam_state": adam_state,
-                                   "cache_dir": cache_dir, "pad_token_id": pad})
+            "batches": batch_of[by_id], "slots": slot_of[by_id],
+            "units": (batch_of // per_unit)[by_id]})
+        memory = _actor_memory(shape, dim, cfg, batch_tokens(lengths, batch_of[keep]),
+                               per_unit * cfg.batch_size)  # rows: of a unit
 
         def fill(tmp: str, fs: pafs.FileSystem) -> None:
-            # Streamed: each block is written as it comes out of the actors, and only its
-            # two-number summary reaches the driver (the object store holds blocks in flight,
-            # not the whole pool's features).
+            # Streamed end to end: the tokens go to Parquet files, a folder per unit, in the
+            # output's own temporary folder (every node of a cluster can read it); a task reads
+            # back one unit at a time for the actors; each block the actors finish is written
+            # as it comes out, and only its two-number summary reaches the driver. The object
+            # store holds blocks in flight, never the pool.
+            scratch = f"{tmp}/{TOKENS_DIR}"
+            ds.write_parquet(scratch, filesystem=fs, partition_cols=["unit"])
+            units = ray.data.from_items([{"unit": u} for u in range(n_units)],
+                                        override_num_blocks=n_units)
+            feats = units.map_batches(
+                FeatureActor, batch_size=1, batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+                num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, memory=memory,
+                fn_constructor_kwargs={"model": model_spec, "cfg": config_to_dict(cfg),
+                                       "adapter": adapter, "adam_state": adam_state,
+                                       "cache_dir": cache_dir, "pad_token_id": pad,
+                                       "folder": scratch, "fs": fs})
             stats = feats.map_batches(write_block, batch_size=None, batch_format="pyarrow",
                                       fn_kwargs={"folder": tmp, "fs": fs}).to_pandas()
+            fs.delete_dir(scratch)
             meta = {
                 "model": model_spec, "adapter": adapter, "adam_state": adam_state,
                 "kind": kind, "pool": pool_path, "input_hash": digest, "dim": dim,
                 "seed": cfg.seed,
                 "dtype": cfg.dtype, "evoray_version": __version__,
                 "features_version": FEATURES_VERSION, "count": len(keep), "skipped": len(bad),
-                "skipped_ids": [str(plan["id"][i]) for i in bad[:100]],
+                "skipped_ids": [str(ids[i]) for i in bad[:100]],
                 "settings": config_to_dict(cfg),
                 "projection_peak_mb": int(stats["peak_mb"].max()) if len(stats) else 0,
                 "a_skipped": bool(stats["a_skipped"].all()) if len(stats) else None,
@@ -290,12 +309,18 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
             raise
     finally:
         ctx.raise_original_map_exception = raise_original
-        ctx.shuffle_strategy = shuffle
         if started:
             ray.shutdown()
     log.info("features of %d candidates written to %s in %.1f s", len(keep), out,
              time.perf_counter() - t0)
     return out
+
+
+def unit_batches(n_batches: int, batch_size: int, num_actors: int) -> int:
+    """Planned batches per unit, the actors' unit of work: about ``UNIT_ROWS`` rows (a block
+    in flight stays the same size whatever the pool's size), fewer when that would leave
+    fewer than 4 units per actor (every actor gets work; a restarted actor redoes one unit)."""
+    return max(1, min(-(-n_batches // (4 * num_actors)), UNIT_ROWS // batch_size))
 
 
 def write_block(block: pa.Table, folder: str, fs: pafs.FileSystem) -> pa.Table:
