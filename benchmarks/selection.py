@@ -3,6 +3,7 @@
     python benchmarks/selection.py                       # all methods, all sizes (resumable)
     python benchmarks/selection.py --sizes 10k,100k --methods evoselect,tsds
     python benchmarks/selection.py --overlap             # dense vs faiss-kNN novelty at 10k
+    python benchmarks/selection.py --overlap-diversity   # two- vs one-level k-means at 100k
 
 Features are a seeded Gaussian mixture (50 components, targets from 5 of them), M = 500,
 d = 1024, ratio 0.1; stored as float16 from 1M rows (float32 below). Each (method, N) cell runs
@@ -71,6 +72,17 @@ def worker(args: argparse.Namespace) -> None:
         t2 = time.perf_counter()
         overlap = len(np.intersect1d(dense.indices, sparse.indices)) / k
         print(json.dumps({"overlap": overlap, "dense_s": t1 - t0, "knn_s": t2 - t1}))
+        return
+    if args.worker == "diversity_overlap":  # two-level k-means against one level (2 seeds)
+        runs, secs = {}, {}
+        for name, kw in (("one", {"two_level_above": 10**9}), ("one_seed1", {
+                "two_level_above": 10**9, "seed": 1}), ("two", {"two_level_above": 0})):
+            t0 = time.perf_counter()
+            runs[name] = select(G, V, k, method="diversity", **kw).indices
+            secs[name] = time.perf_counter() - t0
+        print(json.dumps({"overlap": len(np.intersect1d(runs["two"], runs["one"])) / k,
+                          "seed_overlap": len(np.intersect1d(runs["one_seed1"], runs["one"])) / k,
+                          "one_level_s": secs["one"], "two_level_s": secs["two"]}))
         return
     t0 = time.perf_counter()
     sel = select(G, V, k, method=args.worker)
@@ -145,6 +157,10 @@ def show(results: dict) -> None:
         print(f"{method:<12}{int(n):>9}{r['time_s']:>10.1f}{r['peak_rss_gib']:>14.2f}"
               f"{r['data_rss_gib']:>10.2f}  {split}")
     for key, r in results.items():
+        if key.startswith("diversity_overlap@") and r.get("overlap") is not None:
+            print(f"diversity overlap two-level vs one-level k-means at N={key.split('@')[1]}: "
+                  f"{r['overlap']:.1%} (one level, seed 1 vs seed 0: {r['seed_overlap']:.1%}; "
+                  f"one level {r['one_level_s']:.1f} s, two levels {r['two_level_s']:.1f} s)")
         if key.startswith("overlap@"):
             print(f"novelty overlap dense vs faiss kNN at N={key.split('@')[1]}: "
                   f"{r['overlap']:.1%} (dense {r['dense_s']:.1f} s, kNN {r['knn_s']:.1f} s)")
@@ -160,6 +176,8 @@ def main() -> None:
     ap.add_argument("--limit", type=float, default=1800.0, help="seconds per cell")
     ap.add_argument("--force", action="store_true", help="rerun cells already recorded")
     ap.add_argument("--overlap", action="store_true", help="dense vs kNN novelty at 10k")
+    ap.add_argument("--overlap-diversity", action="store_true",
+                    help="two-level vs one-level k-means diversity picks at 100k")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -167,7 +185,8 @@ def main() -> None:
         worker(args)
         return
     results = load()
-    cells = [("overlap", 10_000)] if args.overlap else [
+    cells = [("overlap", 10_000)] if args.overlap else [("diversity_overlap", 100_000)] \
+        if args.overlap_diversity else [
         (method, parse_size(s)) for s in args.sizes.split(",")
         for method in args.methods.split(",")]
     for what, n in cells:

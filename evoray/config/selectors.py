@@ -90,9 +90,12 @@ class DiversitySettings(_Stage):
     cluster_ratio: float = _f(0.1, "clusters per candidate")
     niter: int = _f(20, "k-means iterations")
     max_points_per_centroid: int = _f(256, "faiss subsamples k-means training above this")
+    two_level_above: int = _f(4096, "above this many clusters, two-level k-means (√K coarse "
+                              "clusters, each split by its own k-means)")
 
     def _check(self) -> None:
         self._require(0.0 < self.cluster_ratio <= 1.0, "cluster_ratio", "must be in (0, 1]")
+        self._require(self.two_level_above >= 0, "two_level_above", "must be >= 0")
         self._require(self.niter > 0, "niter", "must be positive")
         self._require(self.max_points_per_centroid > 0, "max_points_per_centroid",
                       "must be positive")

@@ -121,9 +121,10 @@ def test_attribution_with_subtasks_takes_the_max_over_subtask_means(data):
 
 # ---- diversity ------------------------------------------------------------------------------
 
-def test_diversity_fills_from_the_smallest_clusters(data):
+@pytest.mark.parametrize("two_level_above", [4096, 0])
+def test_diversity_fills_from_the_smallest_clusters(data, two_level_above):
     G, V, _ = data
-    sel = select(G, V, 60, method="diversity")
+    sel = select(G, V, 60, method="diversity", two_level_above=two_level_above)
     size, label = sel.scores["cluster_size"], sel.scores["cluster"]
     assert sel.diagnostics["clusters"] == 200 and len(np.unique(label)) <= 200
     key = list(zip(size[sel.indices], label[sel.indices], strict=True))
@@ -136,6 +137,22 @@ def test_diversity_fills_from_the_smallest_clusters(data):
     for c in np.unique(label[sel.indices]):
         inside = cos[label[sel.indices] == c]
         assert (np.diff(inside) <= 0).all()  # nearest-to-centroid first
+
+
+@pytest.mark.parametrize("two_level_above", [4096, 0])
+def test_kmeans_one_and_two_level_find_separated_groups(two_level_above):
+    """60 well-separated groups of 1 to 12 rows, 60 clusters: most groups come out as one
+    cluster each way (k-means' local optima split a few and merge others: 48-51 of 60 for
+    both paths over 4 seeds), and every cluster label is used."""
+    rng = np.random.default_rng(3)
+    centres = unit(rng.normal(size=(60, 32)))
+    sizes = 1 + np.arange(60) % 12
+    G = np.repeat(centres, sizes, axis=0) + 1e-3 * rng.normal(size=(sizes.sum(), 32))
+    sel = select(G, G[:5], 40, method="diversity", cluster_ratio=60 / len(G),
+                 two_level_above=two_level_above)
+    lab, group = sel.scores["cluster"], np.repeat(np.arange(60), sizes)
+    assert sorted(np.unique(lab).tolist()) == list(range(60))
+    assert sum(len(np.unique(lab[group == g])) == 1 for g in range(60)) >= 45
 
 
 def test_attr_div_only_picks_from_the_top_three_quarters(data):
