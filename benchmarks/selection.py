@@ -4,6 +4,7 @@
     python benchmarks/selection.py --sizes 10k,100k --methods evoselect,tsds
     python benchmarks/selection.py --overlap             # dense vs faiss-kNN novelty at 10k
     python benchmarks/selection.py --overlap-diversity   # two- vs one-level k-means at 100k
+    python benchmarks/selection.py --readme              # the README's table from the JSON
 
 Features are a seeded Gaussian mixture (50 components, targets from 5 of them), M = 500,
 d = 1024, ratio 0.1; stored as float16 from 1M rows (float32 below). Each (method, N) cell runs
@@ -166,6 +167,41 @@ def show(results: dict) -> None:
                   f"{r['overlap']:.1%} (dense {r['dense_s']:.1f} s, kNN {r['knn_s']:.1f} s)")
 
 
+README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+MARK = ("<!-- select-table: benchmarks/selection.py --readme -->", "<!-- /select-table -->")
+
+
+def table_md(results: dict) -> str:
+    """The README's table: one row per method, one column per size, ``time / peak RSS``."""
+    sizes = sorted({int(k.split("@")[1]) for k in results if k.split("@")[0] in METHODS})
+    name = {10_000: "10k", 100_000: "100k", 1_000_000: "1M"}
+    lines = ["| method | " + " | ".join(name.get(n, str(n)) for n in sizes) + " |",
+             "|---" * (len(sizes) + 1) + "|"]
+    for method in METHODS:
+        cells = []
+        for n in sizes:
+            r = results.get(f"{method}@{n}")
+            if r is None:
+                cells.append("")
+            elif r.get("time_s") is None:
+                proj = r.get("projected_s")
+                cells.append(f"not run (projected {proj / 60:.0f} min)" if proj else
+                             r.get("status", ""))
+            else:
+                cells.append(f"{r['time_s']:.1f} s / {r['peak_rss_gib']:.2f} GiB")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_readme(results: dict) -> None:
+    """Replace the table between the README's markers."""
+    with open(README) as f:
+        text = f.read()
+    a, b = text.index(MARK[0]) + len(MARK[0]), text.index(MARK[1])
+    with open(README, "w") as f:
+        f.write(text[:a] + "\n" + table_md(results) + "\n" + text[b:])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="10k,100k,1M")
@@ -178,6 +214,8 @@ def main() -> None:
     ap.add_argument("--overlap", action="store_true", help="dense vs kNN novelty at 10k")
     ap.add_argument("--overlap-diversity", action="store_true",
                     help="two-level vs one-level k-means diversity picks at 100k")
+    ap.add_argument("--readme", action="store_true",
+                    help="rewrite the README's table from the JSON (runs nothing)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -185,6 +223,10 @@ def main() -> None:
         worker(args)
         return
     results = load()
+    if args.readme:
+        write_readme(results)
+        print(table_md(results))
+        return
     cells = [("overlap", 10_000)] if args.overlap else [("diversity_overlap", 100_000)] \
         if args.overlap_diversity else [
         (method, parse_size(s)) for s in args.sizes.split(",")
