@@ -69,6 +69,7 @@ log = logging.getLogger("evoray.features")
 __all__ = ["featurize"]
 
 UNIT_ROWS = 4096  # rows of a unit of work: 16 MiB of float32 features at dim 1024
+STREAM_BLOCK = 4 << 20  # bytes: the largest block the stage's Ray Data operators make
 TOKENS_DIR = "_tokens"  # pass 2's token files, inside the output's temporary folder
 
 class FeatureActor:
@@ -206,6 +207,10 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
     # UserCodeException, whose cause does not survive the trip back to the driver.
     raise_original = ctx.raise_original_map_exception
     ctx.raise_original_map_exception = True
+    # Blocks of a bounded size (Ray Data's default is 128 MiB), so that a large pool streams
+    # through the object store in many small blocks instead of a few that grow with it.
+    block_bytes = ctx.target_max_block_size
+    ctx.target_max_block_size = min(block_bytes or STREAM_BLOCK, STREAM_BLOCK)
     try:
         preserve = ctx.execution_options.preserve_order
         ctx.execution_options.preserve_order = True
@@ -309,6 +314,7 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
             raise
     finally:
         ctx.raise_original_map_exception = raise_original
+        ctx.target_max_block_size = block_bytes
         if started:
             ray.shutdown()
     log.info("features of %d candidates written to %s in %.1f s", len(keep), out,
