@@ -173,7 +173,8 @@ def sizes_section(result: dict) -> str:
           "| ---: | ---: | ---: | ---: | ---: |"]
     for r in sorted(rows.values(), key=lambda r: r["candidates"]):
         md.append(f"| {r['candidates']:,} | {r['wall_s']:.0f} s | "
-                  f"{fmt_gb(r['peak_object_store_bytes'])} | {r['spilled_bytes_total']:,} | "
+                  f"{r['peak_object_store_bytes'] / 2**20:.0f} MiB | "
+                  f"{r['spilled_bytes_total']:,} | "
                   f"{r['peak_driver_rss_bytes'] / 1e9:.2f} GB |")
     peaks = [r["peak_object_store_bytes"] for r in rows.values()]
     if len(peaks) > 1:
