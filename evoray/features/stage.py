@@ -199,7 +199,7 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
     total = ray.cluster_resources().get("CPU", 0)
     if cfg.num_actors * cfg.num_cpus > total - 1:  # an autoscaling cluster may still grow
         log.warning("features: %d actor(s) x %.1g CPU leave less than 1 of the cluster's %g "
-                    "CPUs for Ray Data's read and sort tasks, which then wait forever unless "
+                    "CPUs for Ray Data's read and write tasks, which then wait forever unless "
                     "the cluster grows; lower features.num_cpus (e.g. 0.5) or num_actors",
                     cfg.num_actors, cfg.num_cpus, total)
     ctx = ray.data.DataContext.get_current()
@@ -270,8 +270,8 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
 
         def fill(tmp: str, fs: pafs.FileSystem) -> None:
             # Streamed end to end: the tokens go to Parquet files, a folder per unit, in the
-            # output's own temporary folder (every node of a cluster can read it); a task reads
-            # back one unit at a time for the actors; each block the actors finish is written
+            # output's own temporary folder (every node of a cluster can read it); each actor
+            # call reads one unit back; each block the actors finish is written
             # as it comes out, and only its two-number summary reaches the driver. The object
             # store holds blocks in flight, never the pool.
             scratch = f"{tmp}/{TOKENS_DIR}"
