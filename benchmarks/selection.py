@@ -95,19 +95,20 @@ def worker(args: argparse.Namespace) -> None:
                       "sparse": sel.diagnostics.get("sparse")}))
 
 
-def load() -> dict:
-    if os.path.exists(RESULTS):
-        with open(RESULTS) as f:
+def load(path: str = RESULTS) -> dict:
+    if os.path.exists(path):
+        with open(path) as f:
             return json.load(f)
     return {}
 
 
-def save(results: dict) -> None:
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    tmp = RESULTS + ".tmp"
+def save(results: dict, path: str = RESULTS) -> None:
+    """Write ``results`` to ``path`` atomically (a temporary file, then a rename)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(results, f, indent=1, sort_keys=True)
-    os.replace(tmp, RESULTS)
+    os.replace(tmp, path)
 
 
 def project(results: dict, method: str, n: int) -> float | None:

@@ -29,14 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+from quality_cells import hardware
+from selection import load, make_data, rss_gib, save
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "tsds_compare.json")
 
@@ -48,23 +48,8 @@ def parse_cell(s: str) -> tuple[int, int]:
     return int(float(size.rstrip("km")) * mult), int(d)
 
 
-def rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def hardware() -> str:
-    model = platform.processor() or "?"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f
-                          if ln.startswith("model name")), model)
-    return f"CPU only, {os.cpu_count()} cores ({platform.machine()}, {model})"
-
-
 def worker(args: argparse.Namespace) -> None:
     """One side of one cell: save p to ``args.out`` and print one JSON line."""
-    from selection import make_data
-
     G, V = make_data(args.n, args.m, args.d)
     data = rss_gib()
     k = max(1, round(args.ratio * args.n))
@@ -140,21 +125,6 @@ def run_cell(args: argparse.Namespace, n: int, d: int, exact: bool) -> dict:
     return row
 
 
-def load() -> dict:
-    if os.path.exists(RESULTS):
-        with open(RESULTS) as f:
-            return json.load(f)
-    return {}
-
-
-def save(results: dict) -> None:
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    tmp = RESULTS + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1, sort_keys=True)
-    os.replace(tmp, RESULTS)
-
-
 def show(results: dict) -> None:
     print(f"{'kNN':<6}{'N':>9}{'d':>6}{'evoray s':>10}{'ref s':>9}{'ratio':>7}"
           f"{'RSS evo':>9}{'RSS ref':>9}{'max|Δp|':>10}{'rel':>9}{'assign':>9}{'supp ovl':>9}")
@@ -196,7 +166,7 @@ def main() -> None:
         return
     cells = [(*parse_cell(s), False) for s in args.sizes.split(",") if s.strip()]
     cells += [(*parse_cell(s), True) for s in args.check.split(",") if s.strip()]
-    results = load()
+    results = load(RESULTS)
     tail = f",exact_max={args.exact_max}" if args.exact_max is not None else ""
     keys = [f"exact@{n}x{d}" if exact else f"ivf@{n}x{d}{tail}" for n, d, exact in cells]
     for key, (n, d, exact) in zip(keys, cells, strict=True):
@@ -204,7 +174,7 @@ def main() -> None:
             continue
         print(f"running {key} ...", file=sys.stderr, flush=True)
         results[key] = run_cell(args, n, d, exact)
-        save(results)
+        save(results, RESULTS)
     show(results)
     if any(not results[key].get("within_tol", True) for key in keys):
         sys.exit(1)

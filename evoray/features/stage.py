@@ -247,13 +247,13 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
         keep = np.flatnonzero(plan["status"].to_numpy() == "")
         batch_of = np.zeros(len(plan), np.int64)
         slot_of = np.zeros(len(plan), np.int64)
-        batch_of[keep], slot_of[keep] = plan_batches(
-            plan["length"].to_numpy()[keep], plan["key"].to_numpy()[keep], cfg.batch_size)
+        lengths = plan["length"].to_numpy()[keep]
+        batch_of[keep], slot_of[keep] = plan_batches(lengths, plan["key"].to_numpy()[keep],
+                                                     cfg.batch_size)
         n_batches = max(1, -(-len(keep) // cfg.batch_size))
         per_unit = unit_batches(n_batches, cfg.batch_size, cfg.num_actors)
         n_units = -(-n_batches // per_unit)
         ids = plan["id"].to_numpy().astype(str)
-        lengths = plan["length"].to_numpy()[keep]
         by_id = np.argsort(ids, kind="stable")
         pad = load_tokenizer(model_spec, cache_dir=cache_dir).pad_token_id
         del plan
