@@ -47,7 +47,7 @@ from evoray.select.geometry import ResidualRows, UnitRows, ivf_index, knn, princ
 from evoray.select.ot import SemiRelaxedOT, lava_gradient
 from evoray.select.selection import Selection
 
-__all__ = ["evoselect", "Greedy", "novelty_bins", "smooth_targets"]
+__all__ = ["evoselect", "Greedy", "TailBest", "novelty_bins", "smooth_targets"]
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class Greedy:
 
         Only the finite part of the alignment order is scanned; the candidates at −inf (most of
         a kNN-sparse pool) all tie at rank 0, so only their best by novelty can win, which
-        :class:`_TailBest` finds without rescanning them pick by pick (scanning them made the
+        :class:`TailBest` finds without rescanning them pick by pick (scanning them made the
         greedy O(N) a pick: 94 s of 97 at 200k candidates, k = 20k).
         """
         lam = self.lam
@@ -106,7 +106,7 @@ class Greedy:
         pos_of = np.empty(self.n, np.int64)
         pos_of[order] = np.arange(self.n)
         alive_at = self.alive[order]
-        tail = _TailBest(order[n_fin:], self, alive_at[n_fin:])
+        tail = TailBest(order[n_fin:], self, alive_at[n_fin:])
         dead = np.sort(pos_of[~self.alive])
         out = {k: np.empty(count) for k in ("alignment", "novelty", "alignment_term",
                                             "novelty_term", "score")}
@@ -169,7 +169,7 @@ class Greedy:
             self.hist += np.bincount(self.bin[rows], minlength=self.bins)
 
 
-class _TailBest:
+class TailBest:
     """The best candidate of the −inf tail for :meth:`Greedy.block`: alive, not a
     near-duplicate, highest novelty bin, lowest position (the tail is in index order); failing
     that, the same among near-duplicates.
@@ -178,9 +178,11 @@ class _TailBest:
     best later: a pointer moves forward through the tail looking for the top bin of the last
     full pass, and a full pass (one vectorised scan) happens only when the pointer runs out.
     ``alive`` is a view of the block's ``alive_at`` tail, updated in place as picks are made.
+    ``greedy`` is anything with ``novelty``, ``bin`` (rows' arrays, updated in place) and
+    ``min_novelty``: a :class:`Greedy`, or a shard of the sharded backend.
     """
 
-    def __init__(self, rows: np.ndarray, greedy: Greedy, alive: np.ndarray, chunk: int = 4096):
+    def __init__(self, rows: np.ndarray, greedy, alive: np.ndarray, chunk: int = 4096):
         self.rows, self.g, self.alive, self.chunk = rows, greedy, alive, chunk
         self.ptr, self.top = len(rows), -1
 

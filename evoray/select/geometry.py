@@ -16,8 +16,8 @@ import faiss
 import numpy as np
 
 __all__ = ["BLOCK_ROWS", "CENTERINGS", "ResidualRows", "UnitRows", "blocks", "centering",
-           "inverse_norms", "ivf_index", "ivf_trained", "knn", "mean_rows", "principal_directions",
-           "sum_rows", "unit"]
+           "inverse_norms", "ivf_index", "ivf_sample", "ivf_train", "ivf_trained", "knn",
+           "mean_rows", "principal_directions", "sum_rows", "unit"]
 
 BLOCK_ROWS = 8192  # rows per block: 32 MiB of float32 at d = 1024
 
@@ -271,19 +271,33 @@ def ivf_index(base: UnitRows, *, nlist: int | None = None, nprobe: int = 8,
     return index
 
 
+def ivf_sample(n: int, *, nlist: int | None = None, train_rows: int = 64,
+               seed: int = 0) -> tuple[int, np.ndarray]:
+    """``(nlist, rows)``: the list count (default ``round(sqrt(n))``) and the sorted rows of
+    ``range(n)`` an IVF index is trained on (``train_rows`` a list, drawn with ``seed``)."""
+    nlist = nlist or max(1, int(round(np.sqrt(n))))
+    rng = np.random.default_rng(seed)
+    return nlist, np.sort(rng.choice(n, size=min(n, train_rows * nlist), replace=False))
+
+
+def ivf_train(X: np.ndarray, nlist: int, *, codec: str = "SQfp16", metric: str = "ip",
+              seed: int = 0) -> faiss.Index:
+    """An empty IVF index (``nlist`` lists, ``codec``) trained on the rows ``X``."""
+    faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+    index = faiss.index_factory(X.shape[1], f"IVF{nlist},{codec}", faiss_metric)
+    faiss.extract_index_ivf(index).cp.seed = seed
+    index.train(X)
+    return index
+
+
 def ivf_trained(base, rows: np.ndarray | int, *, nlist: int | None = None,
                 codec: str = "SQfp16", metric: str = "ip", train_rows: int = 64,
                 seed: int = 0) -> faiss.Index:
     """The empty, trained IVF index of :func:`ivf_index` over ``base``'s ``rows`` (an int n:
-    the first n; ``base`` needs ``dim`` and ``take``): a sharded pool trains it once and every
-    shard adds its own rows to a copy, so that a search probes the same lists in every shard."""
+    the first n; ``base`` needs ``take``). A sharded pool trains the same index from the same
+    :func:`ivf_sample` on a worker, and every shard adds its own rows to a copy, so that a
+    search probes the same lists in every shard."""
     n = rows if isinstance(rows, int) else len(rows)
-    nlist = nlist or max(1, int(round(np.sqrt(n))))
-    faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
-    index = faiss.index_factory(base.dim, f"IVF{nlist},{codec}", faiss_metric)
-    rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(n, size=min(n, train_rows * nlist), replace=False))
-    ivf = faiss.extract_index_ivf(index)
-    ivf.cp.seed = seed
-    index.train(base.take(sample if isinstance(rows, int) else rows[sample]))
-    return index
+    nlist, sample = ivf_sample(n, nlist=nlist, train_rows=train_rows, seed=seed)
+    X = base.take(sample if isinstance(rows, int) else rows[sample])
+    return ivf_train(X, nlist, codec=codec, metric=metric, seed=seed)

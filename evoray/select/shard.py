@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from evoray.select.evoselect import TailBest, novelty_bins
 from evoray.select.geometry import ResidualRows, UnitRows, blocks, inverse_norms, knn, sum_rows
 from evoray.select.ot import OTPart
 
@@ -64,7 +65,7 @@ class FeatureShard:
         self.alive = np.ones(n, bool)
         self.novelty = np.ones(n, np.float32)
         self.first_align = None
-        self.pending: tuple[np.ndarray, np.ndarray] | None = None
+        self.bin, self.tail = None, None  # novelty bins and the −inf tail, for tail_best
 
     # ---- geometry ------------------------------------------------------------------------------
     def centre_sum(self, center: str) -> np.ndarray:
@@ -133,26 +134,31 @@ class FeatureShard:
             self.first_align = align
         alive = np.flatnonzero(self.alive & np.isfinite(align))
         self.order = alive[np.lexsort((alive, -align[alive]))]
-        self.align, self.cursor = align, 0
+        self.align, self.cursor, self.tail = align, 0, None
         return len(alive), int(self.alive.sum()) - len(alive)
 
     def tail_best(self, min_novelty: float, bins: int, pending=None) -> tuple | None:
         """The best alive candidate of alignment −inf by the greedy rule (all tie on
         alignment): not a near-duplicate (novelty ≥ ``min_novelty``) first, then the highest
-        novelty bin, then the lowest position. ``(penalised, bin, novelty, gpos, local)``."""
-        from evoray.select.evoselect import novelty_bins
+        novelty bin, then the lowest position. ``(penalised, bin, novelty, gpos, local)``.
 
-        self._apply(pending)
-        tail = np.flatnonzero(self.alive & np.isneginf(self.align))
-        if not len(tail):
+        Found by the local greedy's forward pointer (:class:`~evoray.select.evoselect.TailBest`)
+        over this block's tail, instead of a scan of the whole tail a call (at 4M candidates in
+        8 shards, the scans made a pick take 14 ms, against 4 ms at 1M in 2)."""
+        self.update_novelty(pending)
+        if self.bin is None:
+            self.bins, self.bin = bins, novelty_bins(self.novelty, bins).astype(np.int32)
+        self.min_novelty = min_novelty
+        if self.tail is None:
+            rows = np.flatnonzero(self.alive & np.isneginf(self.align))
+            self.tail = TailBest(rows, self, self.alive[rows])
+        t = self.tail.best()
+        if t is None:
             return None
-        nov = self.novelty[tail]
-        ok = nov >= min_novelty
-        if ok.any():
-            tail, nov = tail[ok], nov[ok]
-        b = novelty_bins(nov, bins)
-        i = int(np.flatnonzero(b == b.max())[0])  # tail is in position order
-        return (not ok.any(), int(b[i]), float(nov[i]), int(self.gpos[tail[i]]), int(tail[i]))
+        row = int(self.tail.rows[t])
+        nov = self.novelty[row]
+        return (bool(nov < min_novelty), int(self.bin[row]), float(nov), int(self.gpos[row]),
+                row)
 
     # ---- greedy diversification ---------------------------------------------------------------
     def novelty_space(self, P: np.ndarray | None, dense: bool) -> None:
@@ -176,15 +182,17 @@ class FeatureShard:
             self.index.add_with_ids(self.space.rows(s, e), np.arange(s, e, dtype=np.int64))
         faiss.extract_index_ivf(self.index).nprobe = nprobe
 
-    def _apply(self, pending) -> None:
-        """The driver's novelty updates ``(local, new)`` from the last pick."""
+    def update_novelty(self, pending) -> None:
+        """The driver's novelty updates ``(local, new)`` from the last pick (None: none)."""
         if pending is not None and len(pending[0]):
             self.novelty[pending[0]] = pending[1]
+            if self.bin is not None:
+                self.bin[pending[0]] = novelty_bins(pending[1], self.bins)
 
     def chunk(self, size: int, pending=None) -> tuple[np.ndarray, ...]:
         """The next ``size`` alive candidates in alignment order: ``(align, gpos, local,
         novelty)``; fewer at the end."""
-        self._apply(pending)
+        self.update_novelty(pending)
         sl = self.order[self.cursor:self.cursor + size]
         self.cursor += len(sl)
         return self.align[sl], self.gpos[sl], sl, self.novelty[sl]
@@ -197,9 +205,13 @@ class FeatureShard:
         """Mark local row ``picked`` selected (−1: none here), then the candidates whose novelty
         the pick ``x`` may lower: the k nearest here (IVF), or every alive row that it lowers
         (dense). Returns ``(cos, gpos, local, novelty, alive)``."""
-        self._apply(pending)
+        self.update_novelty(pending)
         if picked >= 0:
             self.alive[picked] = False
+            if self.tail is not None:
+                t = np.searchsorted(self.tail.rows, picked)
+                if t < len(self.tail.rows) and self.tail.rows[t] == picked:
+                    self.tail.alive[t] = False
         if self.X is not None:
             cos = self.X @ x
             rows = np.flatnonzero(self.alive & ((1.0 - cos).astype(np.float32) < self.novelty))
@@ -210,15 +222,16 @@ class FeatureShard:
             rows, cos = idx[0][found], D[0][found]
         return cos, self.gpos[rows], rows, self.novelty[rows], self.alive[rows]
 
-    def scores(self, pending=None) -> pa.Table:
-        """One row per candidate: ``id``, ``selected``, ``alignment`` (first block), ``novelty``
-        (after the last pick), for ``scores.parquet``."""
-        self._apply(pending)
-        align = self.first_align if self.first_align is not None else np.full(len(self.G), np.nan)
-        return pa.table({"id": pa.array(self.ids.astype(str), pa.string()),
-                         "selected": pa.array(~self.alive),
+    def scores(self, start: int = 0, stop: int | None = None) -> pa.Table:
+        """One row per candidate ``start:stop``: ``id``, ``selected``, ``alignment`` (first
+        block), ``novelty`` (after the last pick), for ``scores.parquet``."""
+        sl = slice(start, stop)
+        align = self.first_align[sl] if self.first_align is not None else \
+            np.full(len(self.G[sl]), np.nan)
+        return pa.table({"id": pa.array(self.ids[sl].astype(str), pa.string()),
+                         "selected": pa.array(~self.alive[sl]),
                          "alignment": pa.array(align.astype(np.float64)),
-                         "novelty": pa.array(self.novelty.astype(np.float64))})
+                         "novelty": pa.array(self.novelty[sl].astype(np.float64))})
 
     def locate(self, gpos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(which of gpos are held here, their local rows)``."""

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import time
 
-import faiss
 import numpy as np
 
 from evoray.select.evoselect import _block_sizes, smooth_targets
-from evoray.select.geometry import centering, ivf_trained, principal_directions, unit
+from evoray.select.geometry import centering, principal_directions, unit
 from evoray.select.ot import SemiRelaxedOT
 from evoray.select.selection import Selection, nearest_in
 from evoray.select.sharded import RemoteParts
@@ -97,9 +96,7 @@ def evoselect_sharded(pool, V: np.ndarray, k: int, *, seed: int = 0, lam: float 
     dense = novelty == "dense" or (novelty == "auto" and n <= novelty_dense_max)
     pool.call("novelty_space", P, dense)
     if not dense:  # one index trained as the local one is, each shard adding its rows
-        trained = ivf_trained(pool.space(), n, nlist=nlist, codec=novelty_codec,
-                              seed=seed)
-        pool.call("add_index", faiss.serialize_index(trained), nprobe)
+        pool.call("add_index", pool.train_ivf(nlist, novelty_codec, seed), nprobe)
     greedy = ShardedGreedy(pool.handles, n, lam, bins=bins, redundant_cos=redundant_cos,
                            knn=min(novelty_knn, n), dense=dense)
     timing["diversification"] += time.perf_counter() - t0
@@ -154,6 +151,7 @@ def evoselect_sharded(pool, V: np.ndarray, k: int, *, seed: int = 0, lam: float 
         b /= max(b.sum(), np.finfo(float).tiny)
         timing["ot"] += time.perf_counter() - t0
 
+    pool.call_each("update_novelty", [(p,) for p in greedy.pending])  # the last pick's
     explain = {key: np.concatenate([p[key] for p in picks]) for key in picks[0]}
     indices = explain.pop("index")
     near, cos = nearest_in(pool, plain, indices)
