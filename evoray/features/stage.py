@@ -16,21 +16,23 @@ Plan of a run (``featurize``):
    the file, their ids or their meta, a record is computed in the same batch, at the same place,
    with the same padding whatever the pool's order and the number of actors or blocks: its
    feature is byte-identical. (Records of identical content are interchangeable, so their ties
-   need no other order.) Consecutive batches form *units* of about ``UNIT_ROWS`` rows (at
+   need no other order.) Consecutive batches form *units* of about ``plan.UNIT_ROWS`` rows (at
    least 4 units per actor), the actors' unit of work.
-4. **File the tokens**: a second pass tokenizes again and writes each row to Parquet under its
-   unit (``write_parquet(partition_cols=["unit"])``) in the output's temporary folder. This
-   replaces a sort in the object store, which held every token there at once (the store's
-   peak grew with the pool: figures in docs/algorithms.md §1).
+4. **File the tokens**: a second pass tokenizes again, an actor adds each row's unit from the
+   plan (a Parquet file it loads, :class:`~evoray.features.plan.AssignBatch`), and each row is
+   written to Parquet under its unit (``write_parquet(partition_cols=["unit"])``) in the
+   output's temporary folder. Nothing of size N goes through the object store (a sort held
+   every token there, and the plan as task arguments was pinned: docs/algorithms.md §1).
 5. **Extract**: ``map_batches(FeatureActor, compute=ActorPoolStrategy(size=n))`` over the
    unit numbers, each actor reading its unit's rows back, one planned
    batch a forward/backward, ``num_gpus`` and ``num_cpus`` per actor from the config, and
    ``memory`` estimated from the model's size, the projection cache and the largest planned
    batch (:func:`evoray.features.plan.actor_memory`). Each actor loads the model once.
 6. **Write** Parquet under a temporary name, streamed: each block the actors finish is written
-   by a task as ``part-<first row>.parquet`` (:func:`write_block`) and only its summary reaches
-   the driver, so the object store holds the blocks in flight, not the pool's features; then
-   the token files are deleted, ``meta.json`` written, and the folder renamed to its final name.
+   by a task as ``part-<first row>.parquet`` (:func:`~evoray.features.plan.write_block`) and
+   only its summary reaches the driver, so the object store holds the blocks in flight, not the
+   pool's features; then the token files are deleted, ``meta.json`` written, and the folder
+   renamed to its final name.
 
 If the output folder already holds features whose ``input_hash`` (pool bytes, model, adapter,
 Adam state and every setting that changes a feature; :mod:`evoray.features.key`) matches, they
@@ -55,11 +57,14 @@ from evoray.data.io import detect_format
 from evoray.errors import EvorayError, ModelError, RecordError
 from evoray.features.key import FEATURES_VERSION, input_hash
 from evoray.features.plan import (
+    AssignBatch,
     actor_memory,
-    assign_batch,
     batch_tokens,
     plan_batches,
     tokenize_batch,
+    unit_batches,
+    write_block,
+    write_plan,
 )
 from evoray.ray_utils import unwrap_error
 from evoray.storage import exists
@@ -68,9 +73,9 @@ log = logging.getLogger("evoray.features")
 
 __all__ = ["featurize"]
 
-UNIT_ROWS = 4096  # rows of a unit of work: 16 MiB of float32 features at dim 1024
 STREAM_BLOCK = 4 << 20  # bytes: the largest block the stage's Ray Data operators make
 TOKENS_DIR = "_tokens"  # pass 2's token files, inside the output's temporary folder
+PLAN_FILE = "_plan.parquet"  # the batch plan pass 2 files rows by, there too
 
 class FeatureActor:
     """Ray Data actor: one :class:`FeatureExtractor` (model loaded once), one unit of whole
@@ -261,21 +266,21 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
         # pass 2 tokenizes again (cheaper than keeping every token in the object store) and
         # files each row under its unit, a run of whole planned batches
         ds = tokens.filter(expr="status == ''") if len(bad) else tokens
-        ds = ds.map_batches(assign_batch, batch_format="pyarrow", fn_kwargs={
-            "sorted_ids": ids[by_id], "rows": by_id.astype(np.int64),
-            "batches": batch_of[by_id], "slots": slot_of[by_id],
-            "units": (batch_of // per_unit)[by_id]})
+        plan = {"id": ids[by_id], "row": by_id.astype(np.int64), "batch": batch_of[by_id],
+                "slot": slot_of[by_id], "unit": (batch_of // per_unit)[by_id]}
         memory = _actor_memory(shape, dim, cfg, batch_tokens(lengths, batch_of[keep]),
                                per_unit * cfg.batch_size)  # rows: of a unit
 
         def fill(tmp: str, fs: pafs.FileSystem) -> None:
-            # Streamed end to end: the tokens go to Parquet files, a folder per unit, in the
-            # output's own temporary folder (every node of a cluster can read it); each actor
-            # call reads one unit back; each block the actors finish is written
-            # as it comes out, and only its two-number summary reaches the driver. The object
-            # store holds blocks in flight, never the pool.
+            # Streamed end to end (steps 4-6), in the output's own temporary folder (every node
+            # of a cluster can read it): the object store holds blocks in flight, never the pool.
             scratch = f"{tmp}/{TOKENS_DIR}"
-            ds.write_parquet(scratch, filesystem=fs, partition_cols=["unit"])
+            write_plan(f"{tmp}/{PLAN_FILE}", fs, plan)
+            ds.map_batches(AssignBatch, batch_format="pyarrow", num_cpus=0,
+                           compute=ray.data.ActorPoolStrategy(size=1),
+                           fn_constructor_kwargs={"path": f"{tmp}/{PLAN_FILE}", "fs": fs}
+                           ).write_parquet(scratch, filesystem=fs, partition_cols=["unit"])
+            fs.delete_file(f"{tmp}/{PLAN_FILE}")
             units = ray.data.from_items([{"unit": u} for u in range(n_units)],
                                         override_num_blocks=n_units)
             feats = units.map_batches(
@@ -320,30 +325,6 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
     log.info("features of %d candidates written to %s in %.1f s", len(keep), out,
              time.perf_counter() - t0)
     return out
-
-
-def unit_batches(n_batches: int, batch_size: int, num_actors: int) -> int:
-    """Planned batches per unit, the actors' unit of work: about ``UNIT_ROWS`` rows (a block
-    in flight stays the same size whatever the pool's size), fewer when that would leave
-    fewer than 4 units per actor (every actor gets work; a restarted actor redoes one unit)."""
-    return max(1, min(-(-n_batches // (4 * num_actors)), UNIT_ROWS // batch_size))
-
-
-def write_block(block: pa.Table, folder: str, fs: pafs.FileSystem) -> pa.Table:
-    """Write one block of the actors' output to ``folder/part-<first row>.parquet`` (the
-    features columns) and return its summary: one row of ``peak_mb`` (max) and ``a_skipped``
-    (all); none for an empty block."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    if block.num_rows == 0:
-        return pa.table({"peak_mb": pa.array([], pa.int32()),
-                         "a_skipped": pa.array([], pa.bool_())})
-    first = pc.min(block["row"]).as_py()
-    pq.write_table(block.drop_columns(["peak_mb", "a_skipped"]),
-                   f"{folder}/part-{first:012d}.parquet", filesystem=fs)
-    return pa.table({"peak_mb": [pc.max(block["peak_mb"]).as_py()],
-                     "a_skipped": [pc.all(block["a_skipped"]).as_py()]})
 
 
 def _actor_memory(shape: dict, dim: int, cfg: FeaturesConfig, tokens: int, rows: int) -> int:
