@@ -114,6 +114,7 @@ def cell(a) -> dict:
     import scale
 
     from evoray.config import SelectConfig
+    from evoray.config.sections import EvoSelectSettings
     from evoray.select.io import select_files
 
     feats, targets = make_pool(a.n, a.dim, Path(a.work))
@@ -125,7 +126,8 @@ def cell(a) -> dict:
     shards.start()
     out = {}
     for backend in (("local", "sharded") if a.overlap else ("sharded",)):
-        cfg = SelectConfig(method="evoselect", ratio=a.ratio, backend=backend, shards=a.shards)
+        cfg = SelectConfig(method="evoselect", ratio=a.ratio, backend=backend, shards=a.shards,
+                           evoselect=EvoSelectSettings(novelty_codec=a.codec))
         t0 = time.perf_counter()
         summary, sel, _ = select_files(cfg, feats, targets, f"{a.work}/out-{a.n}-{backend}")
         out[backend] = {"seconds": time.perf_counter() - t0, "picks": sel.indices.tolist(),
@@ -134,7 +136,7 @@ def cell(a) -> dict:
     shards.stop()
     diag = out["sharded"]["diagnostics"]
     res = {"n": a.n, "dim": a.dim, "ratio": a.ratio, "k": len(out["sharded"]["picks"]),
-           "shards": diag["shards"], "seconds": out["sharded"]["seconds"],
+           "shards": diag["shards"], "codec": a.codec, "seconds": out["sharded"]["seconds"],
            "timing": diag["timing"], "marginal_err": diag["target_marginal_err"],
            "driver_rss": max(sampler.peak("rss"),
                              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
@@ -155,13 +157,15 @@ def table(results: dict) -> str:
     lines = [MARK, "", "`python benchmarks/scale_select.py`: evoselect, `select.backend: "
              "sharded`, float16 features, local Ray (2 CPUs) with the object store shown; "
              "driver and shard peak RSS, bytes spilled (see the script's docstring).", "",
-             "| N | dim | k | shards | time | setup / cost / OT / greedy (s) | driver peak RSS "
-             "| largest shard RSS (all) | store peak | spilled | overlap with local | when |",
+             "| N | dim | k | shards, novelty codec | time | setup / cost / OT / greedy (s) "
+             "| driver peak RSS | largest shard RSS (all) | store peak | spilled "
+             "| overlap with local | when |",
              "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
     for r in sorted(results.values(), key=lambda r: (r.get("overlap") is not None, r["n"])):
         t = r["timing"]
         lines.append(
-            f"| {r['n']:,} | {r['dim']} | {r['k']:,} | {r['shards']} | {r['seconds']:.0f} s | "
+            f"| {r['n']:,} | {r['dim']} | {r['k']:,} | {r['shards']} "
+            f"{r.get('codec', 'SQfp16')} | {r['seconds']:.0f} s | "
             f"{t['setup']:.0f} / {t['cost']:.0f} / {t['ot']:.0f} / {t['diversification']:.0f} | "
             f"{r['driver_rss'] / gb:.2f} GiB | {r['shard_rss_max'] / gb:.2f} "
             f"({r['shard_rss_sum'] / gb:.2f}) GiB | {r['store_peak'] / gb:.2f} / "
@@ -186,8 +190,10 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--ratio", type=float, default=0.01)
     ap.add_argument("--shards", type=int, default=None)
+    ap.add_argument("--codec", default="SQfp16", help="novelty index codec (SQ8: half)")
     ap.add_argument("--store-gb", type=float, default=2.0)
     ap.add_argument("--work", default="runs/scale")
+    ap.add_argument("--force", action="store_true", help="rerun cells already in the results")
     ap.add_argument("--cell", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.cell is not None:
@@ -200,13 +206,15 @@ def main() -> None:
     a.shards = a.shards or (4 if a.overlap else None)
     os.makedirs(a.work, exist_ok=True)
     for n in sizes:
-        key = f"{'overlap' if a.overlap else 'sharded'}|{n}|{a.dim}|{a.ratio}|{a.shards}"
-        if key in results:
+        key = f"{'overlap' if a.overlap else 'sharded'}|{n}|{a.dim}|{a.ratio}|{a.shards}" + \
+            ("" if a.codec == "SQfp16" else f"|{a.codec}")
+        if key in results and not a.force:
             continue
         make_pool(n, a.dim, Path(a.work))  # here, so that the cell's driver RSS is selection's
         cmd = [sys.executable, __file__, "--cell", str(n), "--dim", str(a.dim), "--ratio",
                str(a.ratio), "--store-gb", str(a.store_gb), "--work", os.path.abspath(a.work)]
         cmd += ["--shards", str(a.shards)] if a.shards else []
+        cmd += ["--codec", a.codec]
         cmd += ["--overlap", a.overlap] if a.overlap else []
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode:
