@@ -121,7 +121,7 @@ def cell(a) -> dict:
     os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray-", dir=a.work)
     ray.init(num_cpus=2, object_store_memory=int(a.store_gb * 2**30), include_dashboard=False,
              configure_logging=False, log_to_driver=False)
-    sampler, shards = scale.Sampler(1.0), ShardRSS()
+    sampler, shards = scale.Sampler(a.interval), ShardRSS()
     sampler.start()
     shards.start()
     out = {}
@@ -191,6 +191,8 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.01)
     ap.add_argument("--shards", type=int, default=None)
     ap.add_argument("--codec", default="SQfp16", help="novelty index codec (SQ8: half)")
+    ap.add_argument("--interval", type=float, default=1.0,
+                    help="object-store sampling period, s (each sample runs `ray memory`)")
     ap.add_argument("--store-gb", type=float, default=2.0)
     ap.add_argument("--work", default="runs/scale")
     ap.add_argument("--force", action="store_true", help="rerun cells already in the results")
@@ -214,7 +216,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--cell", str(n), "--dim", str(a.dim), "--ratio",
                str(a.ratio), "--store-gb", str(a.store_gb), "--work", os.path.abspath(a.work)]
         cmd += ["--shards", str(a.shards)] if a.shards else []
-        cmd += ["--codec", a.codec]
+        cmd += ["--codec", a.codec, "--interval", str(a.interval)]
         cmd += ["--overlap", a.overlap] if a.overlap else []
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode:

@@ -75,6 +75,7 @@ __all__ = ["featurize"]
 
 STREAM_BLOCK = 4 << 20  # bytes: the largest block the stage's Ray Data operators make
 TOKENS_DIR = "_tokens"  # pass 2's token files, inside the output's temporary folder
+PASS_1 = ("id", "length", "key", "status")  # the columns the plan pass brings to the driver
 PLAN_FILE = "_plan.parquet"  # the batch plan pass 2 files rows by, there too
 
 class FeatureActor:
@@ -225,7 +226,14 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
                 tokenize_batch, fn_kwargs={"model": model_spec, "max_length": cfg.max_length,
                                       "cache_dir": cache_dir},
                 batch_size=256, batch_format="numpy")
-            plan = tokens.select_columns(["id", "length", "key", "status"]).to_pandas()
+            # streamed to the driver a block at a time: to_pandas() held every block in the
+            # object store at once (about 60 bytes a candidate)
+            parts = [{c: b.column(c).to_numpy(zero_copy_only=False).copy() for c in PASS_1}
+                     for b in tokens.select_columns(list(PASS_1)).iter_batches(
+                         batch_size=None, batch_format="pyarrow")]
+            plan = {c: np.concatenate([p[c] for p in parts]) if parts else np.empty(0)
+                    for c in PASS_1}
+            del parts
         except Exception as e:  # a bad record, found by the tasks that read it
             inner = unwrap_error(e)
             if isinstance(inner, EvorayError):
@@ -233,33 +241,33 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
             raise
         finally:
             ctx.execution_options.preserve_order = preserve
-        dup = plan["id"].duplicated()
-        if dup.any():  # JSONL is checked per file; a Parquet folder's files only here
-            r = int(np.flatnonzero(dup)[0])
-            raise RecordError(pool_path, f"duplicate id {plan['id'][r]!r} (rows "
-                              f"{int(np.flatnonzero(plan['id'] == plan['id'][r])[0]) + 1} and "
+        ids = plan["id"].astype(str)
+        by_id = np.argsort(ids, kind="stable")
+        dup = np.flatnonzero(ids[by_id][1:] == ids[by_id][:-1])
+        if len(dup):  # JSONL is checked per file; a Parquet folder's files only here
+            r = int(by_id[dup + 1].min())  # the first row whose id came before
+            raise RecordError(pool_path, f"duplicate id {str(ids[r])!r} (rows "
+                              f"{int(np.flatnonzero(ids == ids[r])[0]) + 1} and "
                               f"{r + 1}); ids must be unique", field="id")
-        bad = np.flatnonzero(plan["status"].to_numpy() != "")
+        bad = np.flatnonzero(plan["status"] != "")
         if len(bad) and cfg.on_bad == "error":
             r = int(bad[0])
             where = {"line": r + 1} if fmt == "jsonl" else {"row": r + 1}
-            raise RecordError(pool_path, f"candidate {plan['id'][r]!r}: {plan['status'][r]} "
+            raise RecordError(pool_path, f"candidate {str(ids[r])!r}: {plan['status'][r]} "
                               f"({len(bad)} such candidate(s); features.on_bad=skip leaves "
                               f"them out)", field="response", **where)
         if len(bad):
             log.warning("features: %d candidate(s) skipped (response does not fit "
                         "max_length=%d)", len(bad), cfg.max_length)
-        keep = np.flatnonzero(plan["status"].to_numpy() == "")
-        batch_of = np.zeros(len(plan), np.int64)
-        slot_of = np.zeros(len(plan), np.int64)
-        lengths = plan["length"].to_numpy()[keep]
-        batch_of[keep], slot_of[keep] = plan_batches(lengths, plan["key"].to_numpy()[keep],
+        keep = np.flatnonzero(plan["status"] == "")
+        batch_of = np.zeros(len(ids), np.int64)
+        slot_of = np.zeros(len(ids), np.int64)
+        lengths = plan["length"][keep]
+        batch_of[keep], slot_of[keep] = plan_batches(lengths, plan["key"][keep],
                                                      cfg.batch_size)
         n_batches = max(1, -(-len(keep) // cfg.batch_size))
         per_unit = unit_batches(n_batches, cfg.batch_size, cfg.num_actors)
         n_units = -(-n_batches // per_unit)
-        ids = plan["id"].to_numpy().astype(str)
-        by_id = np.argsort(ids, kind="stable")
         pad = load_tokenizer(model_spec, cache_dir=cache_dir).pad_token_id
         del plan
 

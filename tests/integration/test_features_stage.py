@@ -132,6 +132,19 @@ def test_too_long_response_fails_naming_line_or_is_skipped(ray_session, pool, tm
     assert got.meta["skipped"] == 1 and got.meta["skipped_ids"] == [records[4]["id"]]
 
 
+def test_duplicate_ids_in_a_parquet_pool_fail_naming_both_rows(ray_session, pool, tmp_path):
+    """A Parquet pool is not checked for duplicate ids as it is read (JSONL is, per file): the
+    plan pass finds them, and names the id and its first two rows."""
+    records = read_records(pool, "candidate")[:9]
+    records[6]["id"] = records[2]["id"]
+    bad = str(tmp_path / "dup.parquet")  # written by hand: write_records refuses it
+    pq.write_table(pa.table({k: [r[k] for r in records] for k in ("id", "prompt", "response")}
+                            | {"meta": [json.dumps(r.get("meta", {})) for r in records]}), bad)
+    with pytest.raises(RecordError, match=rf"duplicate id '{records[2]['id']}' \(rows 3 and 7\)"):
+        featurize(bad, "tiny-llama", cfg=_cfg(), out=str(tmp_path / "feat"))
+    assert not os.path.exists(tmp_path / "feat")
+
+
 def test_missing_target_modules_fail_and_leave_no_output(ray_session, pool, tmp_path):
     out = str(tmp_path / "feat")
     with pytest.raises(ModelError, match="not in the model"):
