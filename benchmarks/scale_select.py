@@ -1,7 +1,7 @@
 """Load: EvoSelect with ``select.backend: sharded`` on pools that need not fit on the driver.
 
     python benchmarks/scale_select.py --sizes 1m,2m,4m           # one row a size
-    python benchmarks/scale_select.py --sizes 10m --shards 4      # the 10M row
+    python benchmarks/scale_select.py --sizes 10m --shards 4 --interval 5   # the 10M row
     python benchmarks/scale_select.py --overlap 100k              # sharded vs local picks
 
 Each size is a pool of float16 features, d = ``--dim`` (256), written once under ``--work``
@@ -15,6 +15,11 @@ Measured as ``benchmarks/scale.py`` measures (its ``Sampler``): the driver's pea
 samples and ``ru_maxrss``), the object store's peak and the bytes spilled (``ray memory
 --stats-only`` and the spill folder), plus the shard actors' peak RSS (psutil samples of the
 ``FeatureShard`` processes, largest one and their sum).
+
+Each object-store sample starts ``ray memory`` (about a core-second on a busy 2-core machine):
+``--interval 5`` for the long 10M run. ``--shards 4`` there: shards of 2.5M rows (about 3 GiB
+each, 12 GiB in all) instead of the default 20 of 500k, which each carry a Ray worker's own
+memory and a call per pick.
 
 ``--overlap N`` selects from one pool of N rows with the local backend and with 4 shards and
 reports the overlap of the picks and the OT's target-marginal error.

@@ -274,8 +274,8 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
         # pass 2 tokenizes again (cheaper than keeping every token in the object store) and
         # files each row under its unit, a run of whole planned batches
         ds = tokens.filter(expr="status == ''") if len(bad) else tokens
-        plan = {"id": ids[by_id], "row": by_id.astype(np.int64), "batch": batch_of[by_id],
-                "slot": slot_of[by_id], "unit": (batch_of // per_unit)[by_id]}
+        assignment = {"id": ids[by_id], "row": by_id.astype(np.int64), "batch": batch_of[by_id],
+                      "slot": slot_of[by_id], "unit": (batch_of // per_unit)[by_id]}
         memory = _actor_memory(shape, dim, cfg, batch_tokens(lengths, batch_of[keep]),
                                per_unit * cfg.batch_size)  # rows: of a unit
 
@@ -283,7 +283,7 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
             # Streamed end to end (steps 4-6), in the output's own temporary folder (every node
             # of a cluster can read it): the object store holds blocks in flight, never the pool.
             scratch = f"{tmp}/{TOKENS_DIR}"
-            write_plan(f"{tmp}/{PLAN_FILE}", fs, plan)
+            write_plan(f"{tmp}/{PLAN_FILE}", fs, assignment)
             ds.map_batches(AssignBatch, batch_format="pyarrow", num_cpus=0,
                            compute=ray.data.ActorPoolStrategy(size=1),
                            fn_constructor_kwargs={"path": f"{tmp}/{PLAN_FILE}", "fs": fs}
