@@ -243,7 +243,8 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
             ctx.execution_options.preserve_order = preserve
         ids = plan["id"].astype(str)
         by_id = np.argsort(ids, kind="stable")
-        dup = np.flatnonzero(ids[by_id][1:] == ids[by_id][:-1])
+        in_order = ids[by_id]
+        dup = np.flatnonzero(in_order[1:] == in_order[:-1])
         if len(dup):  # JSONL is checked per file; a Parquet folder's files only here
             r = int(by_id[dup + 1].min())  # the first row whose id came before
             raise RecordError(pool_path, f"duplicate id {str(ids[r])!r} (rows "

@@ -109,7 +109,8 @@ class ShardedPool:
         actor = ray.remote(num_cpus=num_cpus, scheduling_strategy="SPREAD")(FeatureShard)
         self.handles = [actor.remote(features, [files[i] for i in g], dtype) for g in groups]
         info = self.call("pool_rows")
-        self.n, self.dim = sum(i[2] for i in info), info[0][4]
+        self.counts = [i[2] for i in info]  # candidates of each shard
+        self.n, self.dim = sum(self.counts), info[0][4]
         self.dropped = sum(i[3] for i in info)
         by_first = sorted(range(len(info)), key=lambda s: info[s][0])
         ranges = [info[s][:2] for s in by_first if info[s][2]]
@@ -144,12 +145,12 @@ class ShardedPool:
         return ray.get([getattr(h, name).remote(*a)
                         for h, a in zip(self.handles, args, strict=True)])
 
-    def take(self, gpos: np.ndarray, how: str = "take") -> np.ndarray:
+    def take(self, gpos: np.ndarray) -> np.ndarray:
         """Normalised rows at global positions ``gpos`` (in that order), gathered from the
         shards (the view :func:`~evoray.select.geometry.principal_directions` reads)."""
         gpos = np.asarray(gpos, np.int64)
         out = np.empty((len(gpos), self.dim), np.float32)
-        for found, rows in self.call(how, gpos):
+        for found, rows in self.call("take", gpos):
             out[found] = rows
         return out
 
@@ -283,8 +284,8 @@ def select_sharded(cfg, features: str, targets: str, out: str, *, pool: str | No
 
         def scores(f) -> None:
             writer = None
-            for h in sp.handles:  # a slice at a time: the driver holds one, not a shard
-                for start in range(0, ray.get(h.pool_rows.remote())[2], SCORE_ROWS):
+            for h, count in zip(sp.handles, sp.counts, strict=True):  # a slice at a time
+                for start in range(0, count, SCORE_ROWS):
                     table = ray.get(h.scores.remote(start, start + SCORE_ROWS))
                     writer = writer or pq.ParquetWriter(f, table.schema)
                     writer.write_table(table)
