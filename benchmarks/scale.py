@@ -165,19 +165,24 @@ def sizes_section(result: dict) -> str:
     rows = json.loads(path.read_text()) if path.exists() else {}
     rows[str(result["candidates"])] = {k: result[k] for k in (
         "candidates", "wall_s", "peak_object_store_bytes", "spilled_bytes_total",
-        "peak_driver_rss_bytes", "batch_size", "dim")}
+        "peak_driver_rss_bytes", "batch_size", "dim", "peak_object_store_objects",
+        "store_samples")}
     path.write_text(json.dumps(rows, indent=1) + "\n")
     md = ["## Object-store peak by pool size", "",
           "One `python benchmarks/scale.py --n N` run a row (the last one of each N):", "",
-          "| candidates | wall time | peak object store | spilled | peak driver RSS |",
-          "| ---: | ---: | ---: | ---: | ---: |"]
+          "| candidates | wall time | peak object store | peak objects | store samples | spilled "
+          "| peak driver RSS |",
+          "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in sorted(rows.values(), key=lambda r: r["candidates"]):
+        mib = r["peak_object_store_bytes"] / 2**20
         md.append(f"| {r['candidates']:,} | {r['wall_s']:.0f} s | "
-                  f"{r['peak_object_store_bytes'] / 2**20:.0f} MiB | "
-                  f"{r['spilled_bytes_total']:,} | "
-                  f"{r['peak_driver_rss_bytes'] / 1e9:.2f} GB |")
+                  f"{f'{mib:.0f} MiB' if mib >= 1 else '< 1 MiB'} | "
+                  f"{r.get('peak_object_store_objects', '')} | {r.get('store_samples', '')} | "
+                  f"{r['spilled_bytes_total']:,} | {r['peak_driver_rss_bytes'] / 1e9:.2f} GB |")
     peaks = [r["peak_object_store_bytes"] for r in rows.values()]
-    if len(peaks) > 1:
+    if len(peaks) > 1 and max(peaks) < 2**20:
+        md += ["", "Every peak is below 1 MiB, the resolution of `ray memory --stats-only`."]
+    elif len(peaks) > 1:
         md += ["", f"Largest peak / smallest: {max(peaks) / max(min(peaks), 1):.2f}."]
     return "\n".join(md) + "\n"
 

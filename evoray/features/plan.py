@@ -5,14 +5,23 @@ the pool's content only (see :mod:`evoray.features.stage`)."""
 from __future__ import annotations
 
 import functools
+import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from evoray.errors import EvorayError
 
-__all__ = ["AssignBatch", "PLAN_COLUMNS", "UNIT_ROWS", "actor_memory", "batch_tokens",
-           "plan_batches", "tokenize_batch", "unit_batches", "write_block", "write_plan"]
+if TYPE_CHECKING:
+    from evoray.config import FeaturesConfig
+
+log = logging.getLogger("evoray.features")
+
+__all__ = ["PLAN_COLUMNS", "UNIT_ROWS", "actor_memory", "actor_request", "batch_tokens",
+           "plan_batches", "tokenize_assign", "tokenize_batch", "unit_batches", "write_block",
+           "write_plan"]
 
 
 @functools.lru_cache(maxsize=4)
@@ -81,7 +90,6 @@ def write_block(block: pa.Table, folder: str, fs) -> pa.Table:
     """Write one block of the actors' output to ``folder/part-<first row>.parquet`` (the
     features columns) and return its summary: one row of ``peak_mb`` (max) and ``a_skipped``
     (all); none for an empty block."""
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     if block.num_rows == 0:
@@ -96,33 +104,57 @@ def write_block(block: pa.Table, folder: str, fs) -> pa.Table:
 
 def write_plan(path: str, fs, plan: dict) -> None:
     """Write the plan (:data:`PLAN_COLUMNS`, rows sorted by ``id``) to a Parquet file that
-    :class:`AssignBatch` loads."""
+    :func:`tokenize_assign` loads. Give each run's plan a path of its own: a worker process
+    keeps the last plan it loaded, by path."""
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({c: plan[c] for c in PLAN_COLUMNS}), path, filesystem=fs)
 
 
-class AssignBatch:
-    """Ray Data UDF (an actor; pyarrow batches, so that ``input_ids`` stays a plain list column
-    in the Parquet files it goes to): add ``row``, ``batch``, ``slot`` and ``unit`` from the
-    driver's plan (by id), loaded once from :func:`write_plan`'s file. The plan is O(N): held
-    in the actor's memory, not passed as task arguments, which the object store pins while the
-    pass runs (6.3 MiB at 50k candidates: the store's peak then grew with the pool, 20 / 28 /
-    32 MiB at 50k / 100k / 200k)."""
+_PLAN: dict = {}  # the plan this worker process loaded last: {"path", "ids", "cols"}
 
-    def __init__(self, path: str, fs):
+
+def _load_plan(path: str, fs) -> dict:
+    if _PLAN.get("path") != path:
         import pyarrow.parquet as pq
 
         t = pq.read_table(path, filesystem=fs)
-        self.ids = np.asarray(t["id"].to_pylist(), dtype=str)
-        self.cols = {c: t[c].to_numpy() for c in PLAN_COLUMNS[1:]}
+        _PLAN.clear()  # every value is below N: int32 halves the plan's memory
+        narrow = np.int32 if t.num_rows < 2**31 else np.int64
+        _PLAN.update(path=path, ids=_utf8(t["id"]),
+                     cols={c: t[c].to_numpy().astype(narrow) for c in PLAN_COLUMNS[1:]})
+    return _PLAN
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        ids = np.asarray(batch["id"].to_pylist(), dtype=str)
-        pos = np.searchsorted(self.ids, ids)
-        return pa.table({"id": ids, "input_ids": batch["input_ids"],
-                         "n_context": batch["n_context"],
-                         **{c: x[pos] for c, x in self.cols.items()}})
+
+def _utf8(ids: pa.Array) -> np.ndarray:
+    """Ids as fixed-width UTF-8 bytes (``S``; numpy's ``str`` takes 4 bytes a character), which
+    sort in the same order as the driver's ``str`` ids (UTF-8 keeps code-point order)."""
+    return np.asarray(ids.cast(pa.binary()).to_numpy(zero_copy_only=False), dtype=bytes)
+
+
+def tokenize_assign(batch: dict, model: str, max_length: int, cache_dir: str | None,
+                    plan: str, fs) -> pa.Table:
+    """Ray Data UDF of pass 2: :func:`tokenize_batch`, less the candidates that cannot be
+    used, plus each row's ``row``, ``batch``, ``slot`` and ``unit`` from the driver's plan (by
+    id; the :func:`write_plan` file at ``plan``, loaded once per worker process).
+
+    One task reads, tokenizes, assigns and writes (Ray Data fuses them), so no block waits in
+    the object store between two operators. Measured (``benchmarks/scale.py``, tiny-llama, 2
+    CPUs): an assigning actor after the tokenizing tasks let the tasks run ahead, and the store
+    held nearly every token of the pool (16 / 32 / 67 MiB at 50k / 100k / 200k). Each worker
+    process holds the plan, O(N): 16 bytes a candidate plus its id's UTF-8 bytes (padded to the
+    longest id), until it loads another run's plan."""
+    t = tokenize_batch(batch, model, max_length, cache_dir)
+    t = t.filter(pc.equal(t["status"], ""))
+    p = _load_plan(plan, fs)
+    ids = _utf8(t["id"])
+    pos = np.minimum(np.searchsorted(p["ids"], ids), max(len(p["ids"]) - 1, 0))
+    if len(ids) and not np.array_equal(p["ids"][pos], ids):
+        new = ids[p["ids"][pos] != ids][0].decode()
+        raise EvorayError(f"candidate {new!r} was not in the pool when the features stage read "
+                          f"it first: was the file changed?")
+    return pa.table({"id": t["id"], "input_ids": t["input_ids"], "n_context": t["n_context"],
+                     **{c: x[pos] for c, x in p["cols"].items()}})
 
 
 def batch_tokens(lengths: np.ndarray, batches: np.ndarray) -> int:
@@ -172,3 +204,21 @@ def actor_memory(shape: dict, dim: int, *, on_gpu: bool, proj_cache_mb: float,
                    4 * shape["lora_params"] * max(batch_size, rows)))
         peak += 12 * shape["vocab"] * tokens + held
     return int(1.25 * peak)
+
+
+def actor_request(shape: dict, dim: int, cfg: FeaturesConfig, tokens: int, rows: int) -> int:
+    """The feature actor's ``memory`` request (:func:`actor_memory`), at most the cluster's
+    memory shared by the actors, so that the request never keeps them from being scheduled."""
+    import ray
+
+    want = actor_memory(shape, dim, on_gpu=cfg.num_gpus > 0, proj_cache_mb=cfg.proj_cache_mb,
+                        proj_block_mb=cfg.proj_block_mb, tokens=tokens, rows=rows,
+                        batch_size=cfg.batch_size, proj_batch_mb=cfg.proj_batch_mb)
+    have = ray.cluster_resources().get("memory", 0) / cfg.num_actors
+    if have and want > have:
+        log.warning("features: each of %d actor(s) may use about %.1f GiB; the cluster has "
+                    "%.1f GiB of memory for each; lower features.proj_cache_mb, batch_size or "
+                    "num_actors if an actor is killed for memory", cfg.num_actors, want / 2**30,
+                    have / 2**30)
+        want = int(have)
+    return want

@@ -18,21 +18,21 @@ Plan of a run (``featurize``):
    feature is byte-identical. (Records of identical content are interchangeable, so their ties
    need no other order.) Consecutive batches form *units* of about ``plan.UNIT_ROWS`` rows (at
    least 4 units per actor), the actors' unit of work.
-4. **File the tokens**: a second pass tokenizes again, an actor adds each row's unit from the
-   plan (a Parquet file it loads, :class:`~evoray.features.plan.AssignBatch`), and each row is
-   written to Parquet under its unit (``write_parquet(partition_cols=["unit"])``) in the
-   output's temporary folder. Nothing of size N goes through the object store (a sort held
-   every token there, and the plan as task arguments was pinned: docs/algorithms.md §1).
+4. **File the tokens**: a second pass tokenizes again, adds each row's unit from the plan (a
+   Parquet file each worker process loads once, :func:`~evoray.features.plan.tokenize_assign`)
+   and writes each row to Parquet under its unit (``write_parquet(partition_cols=["unit"])``)
+   in the output's temporary folder, all in one fused task. Nothing of size N goes through the
+   object store (a sort held every token there, the plan as task arguments was pinned, and an
+   assigning actor let the tokens pile up before it: docs/algorithms.md §1).
 5. **Extract**: ``map_batches(FeatureActor, compute=ActorPoolStrategy(size=n))`` over the
    unit numbers, each actor reading its unit's rows back, one planned
    batch a forward/backward, ``num_gpus`` and ``num_cpus`` per actor from the config, and
    ``memory`` estimated from the model's size, the projection cache and the largest planned
    batch (:func:`evoray.features.plan.actor_memory`). Each actor loads the model once.
-6. **Write** Parquet under a temporary name, streamed: each block the actors finish is written
-   by a task as ``part-<first row>.parquet`` (:func:`~evoray.features.plan.write_block`) and
-   only its summary reaches the driver, so the object store holds the blocks in flight, not the
-   pool's features; then the token files are deleted, ``meta.json`` written, and the folder
-   renamed to its final name.
+6. **Write** Parquet under a temporary name, streamed: each actor writes the unit it finished
+   as ``part-<first row>.parquet`` (:func:`~evoray.features.plan.write_block`) and only its
+   summary reaches the driver, so no feature goes through the object store; then the token
+   files are deleted, ``meta.json`` written, and the folder renamed to its final name.
 
 If the output folder already holds features whose ``input_hash`` (pool bytes, model, adapter,
 Adam state and every setting that changes a feature; :mod:`evoray.features.key`) matches, they
@@ -45,6 +45,7 @@ import json
 import logging
 import os
 import time
+from uuid import uuid4
 
 import numpy as np
 import pyarrow as pa
@@ -57,10 +58,10 @@ from evoray.data.io import detect_format
 from evoray.errors import EvorayError, ModelError, RecordError
 from evoray.features.key import FEATURES_VERSION, input_hash
 from evoray.features.plan import (
-    AssignBatch,
-    actor_memory,
+    actor_request,
     batch_tokens,
     plan_batches,
+    tokenize_assign,
     tokenize_batch,
     unit_batches,
     write_block,
@@ -74,18 +75,22 @@ log = logging.getLogger("evoray.features")
 __all__ = ["featurize"]
 
 STREAM_BLOCK = 4 << 20  # bytes: the largest block the stage's Ray Data operators make
+PLAN_BLOCK = 1 << 20  # bytes: pass 1's blocks to the driver (about 30,000 candidates each)
 TOKENS_DIR = "_tokens"  # pass 2's token files, inside the output's temporary folder
 PASS_1 = ("id", "length", "key", "status")  # the columns the plan pass brings to the driver
-PLAN_FILE = "_plan.parquet"  # the batch plan pass 2 files rows by, there too
+PLAN_FILE = "_plan-{}.parquet"  # the batch plan pass 2 files rows by (a run's own name), there too
 
 class FeatureActor:
     """Ray Data actor: one :class:`FeatureExtractor` (model loaded once), one unit of whole
     planned batches a call, read by the actor from ``folder/unit=<u>/`` (read there, not by an
     upstream task, since Ray Data may split a task's output block, and with it a batch);
-    returns the unit's rows in the features schema."""
+    writes the unit's rows in the features schema to ``out/part-<first row>.parquet``
+    (:func:`~evoray.features.plan.write_block`) and returns their summary only, so no block of
+    features goes through the object store (a retried unit rewrites the same file)."""
 
     def __init__(self, model: str, cfg: dict, adapter: str | None, adam_state: str | None,
-                 cache_dir: str | None, pad_token_id: int, folder: str, fs: pafs.FileSystem):
+                 cache_dir: str | None, pad_token_id: int, folder: str, out: str,
+                 fs: pafs.FileSystem):
         import torch
 
         from evoray.features.extract import FeatureExtractor
@@ -98,17 +103,18 @@ class FeatureActor:
         base, tok = load_model(model, cache_dir=cache_dir)
         self.extractor = FeatureExtractor(base, tok, self.cfg, adapter=adapter,
                                           adam_state=adam_state, device=device)
-        self.pad, self.folder, self.fs = pad_token_id, folder, fs
+        self.pad, self.folder, self.out, self.fs = pad_token_id, folder, out, fs
 
     def __call__(self, units: dict) -> pa.Table:
-        """The features of the rows of ``units["unit"]`` (one unit, as planned)."""
+        """Write the features of the rows of ``units["unit"]`` (one unit, as planned); return
+        their summary (:func:`~evoray.features.plan.write_block`)."""
         import pyarrow.parquet as pq
 
         tables = []
         for u in units["unit"]:
             t = pq.read_table(f"{self.folder}/unit={u}", filesystem=self.fs)
             tables.append(self.features({k: t[k].to_numpy() for k in t.column_names}))
-        return pa.concat_tables(tables)
+        return write_block(pa.concat_tables(tables), self.out, self.fs)
 
     def features(self, block: dict) -> pa.Table:
         """The features of a block's rows: whole planned batches, one forward/backward each,
@@ -220,6 +226,9 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
     try:
         preserve = ctx.execution_options.preserve_order
         ctx.execution_options.preserve_order = True
+        # pass 1's output (about 35 bytes a candidate) leaves in blocks of this size: at the
+        # stage's 4 MiB the store's peak grew with the pool up to 120k candidates
+        ctx.target_max_block_size = min(ctx.target_max_block_size, PLAN_BLOCK)
         try:  # pass 1, streamed: each candidate's length, key and status; the tokens are dropped
             records = read_dataset(pool_path, kind, columns=["id", "prompt", "response"])
             tokens = records.map_batches(
@@ -241,6 +250,7 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
             raise
         finally:
             ctx.execution_options.preserve_order = preserve
+            ctx.target_max_block_size = min(block_bytes or STREAM_BLOCK, STREAM_BLOCK)
         ids = plan["id"].astype(str)
         by_id = np.argsort(ids, kind="stable")
         in_order = ids[by_id]
@@ -274,22 +284,22 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
 
         # pass 2 tokenizes again (cheaper than keeping every token in the object store) and
         # files each row under its unit, a run of whole planned batches
-        ds = tokens.filter(expr="status == ''") if len(bad) else tokens
         assignment = {"id": ids[by_id], "row": by_id.astype(np.int64), "batch": batch_of[by_id],
                       "slot": slot_of[by_id], "unit": (batch_of // per_unit)[by_id]}
-        memory = _actor_memory(shape, dim, cfg, batch_tokens(lengths, batch_of[keep]),
+        memory = actor_request(shape, dim, cfg, batch_tokens(lengths, batch_of[keep]),
                                per_unit * cfg.batch_size)  # rows: of a unit
 
         def fill(tmp: str, fs: pafs.FileSystem) -> None:
             # Streamed end to end (steps 4-6), in the output's own temporary folder (every node
             # of a cluster can read it): the object store holds blocks in flight, never the pool.
-            scratch = f"{tmp}/{TOKENS_DIR}"
-            write_plan(f"{tmp}/{PLAN_FILE}", fs, assignment)
-            ds.map_batches(AssignBatch, batch_format="pyarrow", num_cpus=0,
-                           compute=ray.data.ActorPoolStrategy(size=1),
-                           fn_constructor_kwargs={"path": f"{tmp}/{PLAN_FILE}", "fs": fs}
-                           ).write_parquet(scratch, filesystem=fs, partition_cols=["unit"])
-            fs.delete_file(f"{tmp}/{PLAN_FILE}")
+            scratch, plan_path = f"{tmp}/{TOKENS_DIR}", f"{tmp}/{PLAN_FILE.format(uuid4().hex)}"
+            write_plan(plan_path, fs, assignment)
+            read_dataset(pool_path, kind, columns=["id", "prompt", "response"]).map_batches(
+                tokenize_assign, batch_size=256, batch_format="numpy",
+                fn_kwargs={"model": model_spec, "max_length": cfg.max_length,
+                           "cache_dir": cache_dir, "plan": plan_path, "fs": fs}
+            ).write_parquet(scratch, filesystem=fs, partition_cols=["unit"])
+            fs.delete_file(plan_path)
             units = ray.data.from_items([{"unit": u} for u in range(n_units)],
                                         override_num_blocks=n_units)
             feats = units.map_batches(
@@ -299,9 +309,8 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
                 fn_constructor_kwargs={"model": model_spec, "cfg": config_to_dict(cfg),
                                        "adapter": adapter, "adam_state": adam_state,
                                        "cache_dir": cache_dir, "pad_token_id": pad,
-                                       "folder": scratch, "fs": fs})
-            stats = feats.map_batches(write_block, batch_size=None, batch_format="pyarrow",
-                                      fn_kwargs={"folder": tmp, "fs": fs}).to_pandas()
+                                       "folder": scratch, "out": tmp, "fs": fs})
+            stats = feats.to_pandas()
             fs.delete_dir(scratch)
             meta = {
                 "model": model_spec, "adapter": adapter, "adam_state": adam_state,
@@ -334,25 +343,6 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
     log.info("features of %d candidates written to %s in %.1f s", len(keep), out,
              time.perf_counter() - t0)
     return out
-
-
-def _actor_memory(shape: dict, dim: int, cfg: FeaturesConfig, tokens: int, rows: int) -> int:
-    """The feature actor's ``memory`` request (:func:`evoray.features.plan.actor_memory`), at
-    most the cluster's memory shared by the actors, so that the request never keeps them from
-    being scheduled."""
-    import ray
-
-    want = actor_memory(shape, dim, on_gpu=cfg.num_gpus > 0, proj_cache_mb=cfg.proj_cache_mb,
-                        proj_block_mb=cfg.proj_block_mb, tokens=tokens, rows=rows,
-                        batch_size=cfg.batch_size, proj_batch_mb=cfg.proj_batch_mb)
-    have = ray.cluster_resources().get("memory", 0) / cfg.num_actors
-    if have and want > have:
-        log.warning("features: each of %d actor(s) may use about %.1f GiB; the cluster has "
-                    "%.1f GiB of memory for each; lower features.proj_cache_mb, batch_size or "
-                    "num_actors if an actor is killed for memory", cfg.num_actors, want / 2**30,
-                    have / 2**30)
-        want = int(have)
-    return want
 
 
 def _proxy_shape(model: str, cfg: FeaturesConfig, adapter: str | None,

@@ -333,3 +333,31 @@ def test_batch_tokens_and_actor_memory():
     assert actor_memory(big, 16, on_gpu=False, **kw) == int(
         1.25 * (base + mib + 2 * mib + 12 * 7 * 5 + 4 * 10 ** 6 * 4))
     assert actor_memory(big, 16, on_gpu=True, **kw) == int(1.25 * base)
+
+
+def test_tokenize_assign_adds_the_plan_and_drops_unusable_rows(tmp_path):
+    """Pass 2 of the features stage: each usable row gets its plan columns by id, a row that
+    does not fit max_length is dropped, and an id the plan lacks is an error, not a wrong row."""
+    import pyarrow.fs as pafs
+
+    from evoray.errors import EvorayError
+    from evoray.features.plan import tokenize_assign, tokenize_batch, write_plan
+
+    fs = pafs.LocalFileSystem()
+    plan = {"id": np.array(["a", "b", "c", "é"]), "row": np.array([0, 1, 2, 3]),
+            "batch": np.array([1, 0, 0, 1]), "slot": np.array([2, 0, 1, 3]),
+            "unit": np.array([0, 0, 0, 0])}  # ids sorted as str; "é" is 2 bytes in UTF-8
+    path = str(tmp_path / "plan.parquet")
+    write_plan(path, fs, plan)
+    batch = {"id": np.array(["c", "é", "a", "b"]), "prompt": np.array(["x", "w", "y", "z"]),
+             "response": np.array(["ok", "yes", "fine", "word " * 200])}
+    out = tokenize_assign(batch, "tiny-llama", 64, None, path, fs)
+    assert out["id"].to_pylist() == ["c", "é", "a"]  # "b"'s response does not fit 64 tokens
+    assert out["row"].to_pylist() == [2, 3, 0]
+    assert out["batch"].to_pylist() == [0, 1, 1] and out["slot"].to_pylist() == [1, 3, 2]
+    alone = tokenize_batch(batch, "tiny-llama", 64, None)  # the same tokens as pass 1's
+    assert out["input_ids"].to_pylist() == alone["input_ids"].to_pylist()[:3]
+    assert out["n_context"].to_pylist() == alone["n_context"].to_pylist()[:3]
+    batch["id"] = np.array(["c", "zz", "a", "b"])
+    with pytest.raises(EvorayError, match="'zz' was not in the pool"):
+        tokenize_assign(batch, "tiny-llama", 64, None, path, fs)
