@@ -58,11 +58,12 @@ from evoray.data.io import detect_format
 from evoray.errors import EvorayError, ModelError, RecordError
 from evoray.features.key import FEATURES_VERSION, input_hash
 from evoray.features.plan import (
+    PASS_1,
     actor_request,
     batch_tokens,
+    plan_batch,
     plan_batches,
     tokenize_assign,
-    tokenize_batch,
     unit_batches,
     write_block,
     write_plan,
@@ -75,9 +76,8 @@ log = logging.getLogger("evoray.features")
 __all__ = ["featurize"]
 
 STREAM_BLOCK = 4 << 20  # bytes: the largest block the stage's Ray Data operators make
-PLAN_BLOCK = 1 << 20  # bytes: pass 1's blocks to the driver (about 30,000 candidates each)
+PLAN_BLOCK = 256 << 10  # bytes: pass 1's blocks to the driver (about 5,900 candidates each)
 TOKENS_DIR = "_tokens"  # pass 2's token files, inside the output's temporary folder
-PASS_1 = ("id", "length", "key", "status")  # the columns the plan pass brings to the driver
 PLAN_FILE = "_plan-{}.parquet"  # the batch plan pass 2 files rows by (a run's own name), there too
 
 class FeatureActor:
@@ -226,20 +226,21 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
     try:
         preserve = ctx.execution_options.preserve_order
         ctx.execution_options.preserve_order = True
-        # pass 1's output (about 35 bytes a candidate) leaves in blocks of this size: at the
-        # stage's 4 MiB the store's peak grew with the pool up to 120k candidates
+        # pass 1's output (about 45 bytes a candidate) leaves in small blocks: the one task
+        # reading a JSONL file runs a few blocks ahead of the driver, so the store's peak is a
+        # few blocks (2 MiB at 50k and 4 MiB at 200k candidates with 1 MiB blocks, 1 MiB at
+        # both with these)
         ctx.target_max_block_size = min(ctx.target_max_block_size, PLAN_BLOCK)
         try:  # pass 1, streamed: each candidate's length, key and status; the tokens are dropped
             records = read_dataset(pool_path, kind, columns=["id", "prompt", "response"])
-            tokens = records.map_batches(
-                tokenize_batch, fn_kwargs={"model": model_spec, "max_length": cfg.max_length,
-                                      "cache_dir": cache_dir},
+            plan_rows = records.map_batches(
+                plan_batch, fn_kwargs={"model": model_spec, "max_length": cfg.max_length,
+                                       "cache_dir": cache_dir},
                 batch_size=256, batch_format="numpy")
             # streamed to the driver a block at a time: to_pandas() held every block in the
             # object store at once (about 60 bytes a candidate)
             parts = [{c: b.column(c).to_numpy(zero_copy_only=False).copy() for c in PASS_1}
-                     for b in tokens.select_columns(list(PASS_1)).iter_batches(
-                         batch_size=None, batch_format="pyarrow")]
+                     for b in plan_rows.iter_batches(batch_size=None, batch_format="pyarrow")]
             plan = {c: np.concatenate([p[c] for p in parts]) if parts else np.empty(0)
                     for c in PASS_1}
             del parts
