@@ -99,9 +99,9 @@ def unit_batches(n_batches: int, batch_size: int, num_actors: int) -> int:
 
 
 def write_block(block: pa.Table, folder: str, fs) -> pa.Table:
-    """Write one block of the actors' output to ``folder/part-<first row>.parquet`` (the
-    features columns) and return its summary: one row of ``peak_mb`` (max) and ``a_skipped``
-    (all); none for an empty block."""
+    """Write a feature actor's rows of one unit to ``folder/part-<first row>.parquet`` (the
+    features columns) and return their summary: one row of ``peak_mb`` (max) and
+    ``a_skipped`` (all); none for an empty block."""
     import pyarrow.parquet as pq
 
     if block.num_rows == 0:

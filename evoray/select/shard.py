@@ -143,7 +143,8 @@ class FeatureShard:
     def tail_best(self, min_novelty: float, bins: int, pending=None) -> tuple | None:
         """The best alive candidate of alignment −inf by the greedy rule (all tie on
         alignment): not a near-duplicate (novelty ≥ ``min_novelty``) first, then the highest
-        novelty bin, then the lowest position. ``(penalised, bin, novelty, gpos, local)``.
+        novelty bin, then the lowest position. ``(penalised, bin, novelty, gpos, local, row)``,
+        ``row`` in the novelty space.
 
         Found by the local greedy's forward pointer (:class:`~evoray.select.evoselect.TailBest`)
         over this block's tail, instead of a scan of the whole tail a call (at 4M candidates in
@@ -161,7 +162,7 @@ class FeatureShard:
         row = int(self.tail.rows[t])
         nov = self.novelty[row]
         return (bool(nov < min_novelty), int(self.bin[row]), float(nov), int(self.gpos[row]),
-                row)
+                row, self.space.take(np.array([row]))[0])
 
     # ---- greedy diversification ---------------------------------------------------------------
     def novelty_space(self, P: np.ndarray | None, dense: bool) -> None:
@@ -194,15 +195,12 @@ class FeatureShard:
 
     def chunk(self, size: int, pending=None) -> tuple[np.ndarray, ...]:
         """The next ``size`` alive candidates in alignment order: ``(align, gpos, local,
-        novelty)``; fewer at the end."""
+        novelty, rows)``, ``rows`` in the novelty space (sent with the chunk, so that a pick
+        costs the driver one round trip to the shards, not two); fewer at the end."""
         self.update_novelty(pending)
         sl = self.order[self.cursor:self.cursor + size]
         self.cursor += len(sl)
-        return self.align[sl], self.gpos[sl], sl, self.novelty[sl]
-
-    def vector(self, local: int) -> np.ndarray:
-        """A candidate's row in the novelty space."""
-        return self.space.take(np.array([local]))[0]
+        return self.align[sl], self.gpos[sl], sl, self.novelty[sl], self.space.take(sl)
 
     def neighbours(self, x: np.ndarray, picked: int, k: int, pending=None) -> tuple:
         """Mark local row ``picked`` selected (−1: none here), then the candidates whose novelty

@@ -15,20 +15,23 @@ from evoray.select.evoselect import novelty_bins
 
 __all__ = ["ShardedGreedy", "TopOrder"]
 
-FIELDS = ("align", "gpos", "local", "nov")
+FIELDS = ("align", "gpos", "local", "nov", "vec")  # a shard's chunk
 DTYPES = {"align": np.float64, "gpos": np.int64, "local": np.int64, "nov": np.float32,
-          "shard": np.int64}
+          "shard": np.int64, "vec": None}  # vec: the shard's dtype, (rows, d)
 
 
 class TopOrder:
     """The alive candidates of every shard that have a finite alignment, in global alignment
     order (alignment descending, then pool position), fetched a chunk at a time: ``align``,
-    ``gpos``, ``shard``, ``local``, ``nov`` (current novelty) and ``alive`` of the first
-    ``len(self)`` of ``total``."""
+    ``gpos``, ``shard``, ``local``, ``nov`` (current novelty), ``vec`` (the row in the novelty
+    space, so that a pick's neighbours are asked with it at once) and ``alive`` of the first
+    ``len(self)`` of ``total``. The rows cost the driver ``d`` floats a fetched candidate; the
+    scan reaches little beyond the picks (the issue's bound is O(k·d))."""
 
     def __init__(self, handles, total: int, pending: list):
         self.handles, self.total, self.pending = handles, total, pending
         self.cols = {f: np.empty(0, t) for f, t in DTYPES.items()}
+        self.cols["vec"] = None  # (len, d) once the first chunk arrives
         self.alive = np.empty(0, bool)
         self.buf = [None] * len(handles)
         self.done = [False] * len(handles)
@@ -47,6 +50,8 @@ class TopOrder:
             self.pending[s] = None
             self.buf[s] = {f: np.array(x, DTYPES[f]) for f, x in zip(FIELDS, chunk, strict=True)}
             self.done[s] = len(chunk[1]) < size
+            if self.cols["vec"] is None:
+                self.cols["vec"] = np.empty((0, chunk[-1].shape[1]), chunk[-1].dtype)
 
     def extend(self, need: int) -> None:
         """Fetch until at least ``need`` candidates (or all) are in order."""
@@ -65,7 +70,7 @@ class TopOrder:
                 safe = (na < fa[0]) | ((na == fa[0]) & (b["gpos"] <= fa[1]))
                 take[s] = int(safe.sum())  # a sorted chunk: the safe ones are its head
             new = {f: np.concatenate([self.buf[s][f][:c] for s, c in take.items()] or
-                                     [np.empty(0, DTYPES[f])]) for f in FIELDS}
+                                     [self.cols[f][:0]]) for f in FIELDS}
             new["shard"] = np.concatenate([np.full(c, s, np.int64) for s, c in take.items()] or
                                           [np.empty(0, np.int64)])
             for s, c in take.items():
@@ -191,7 +196,7 @@ class ShardedGreedy:
             out["score"][t] = score[j] * scale
             out["novelty"][t] = nov[j]
             if p < 0:  # the tail's best
-                _, _, _, gpos, local, shard = best
+                _, _, _, gpos, local, x, shard = best
                 out["index"][t], out["alignment"][t] = gpos, -np.inf
                 tail_taken += 1
                 where.append((int(shard), int(local)))
@@ -201,15 +206,16 @@ class ShardedGreedy:
                 order.alive[p] = False
                 dead = np.insert(dead, np.searchsorted(dead, p), p)
                 where.append((int(order.cols["shard"][p]), int(order.cols["local"][p])))
+                x = order.cols["vec"][p]
             self.hist[self._bin(np.array([nov[j]], np.float32))[0]] -= 1
-            self._lower(*where[-1], order)
+            self._lower(*where[-1], x, order)
         return out, where
 
-    def _lower(self, shard: int, local: int, order: TopOrder) -> None:
-        """Lower the novelty of the candidates the pick at ``(shard, local)`` is close to."""
+    def _lower(self, shard: int, local: int, x: np.ndarray, order: TopOrder) -> None:
+        """Lower the novelty of the candidates the pick at ``(shard, local)`` (row ``x`` in the
+        novelty space) is close to."""
         import ray
 
-        x = self.handles[shard].vector.remote(local)
         res = ray.get([h.neighbours.remote(x, local if s == shard else -1, self.knn,
                                            self.pending[s])
                        for s, h in enumerate(self.handles)])
