@@ -169,7 +169,10 @@ def sizes_section(result: dict) -> str:
         "store_samples")}
     path.write_text(json.dumps(rows, indent=1) + "\n")
     md = ["## Object-store peak by pool size", "",
-          "One `python benchmarks/scale.py --n N` run a row (the last one of each N):", "",
+          "One `python benchmarks/scale.py --n N` run a row (the last one of each N). Peak "
+          "object store: `Plasma memory usage` of `ray memory --stats-only`, whole MiB rounded "
+          "down; peak objects: its object count (each unit of work is a small block of its "
+          "own, so it grows with N, not the bytes):", "",
           "| candidates | wall time | peak object store | peak objects | store samples | spilled "
           "| peak driver RSS |",
           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
