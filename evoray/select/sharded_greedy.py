@@ -25,8 +25,9 @@ class TopOrder:
     order (alignment descending, then pool position), fetched a chunk at a time: ``align``,
     ``gpos``, ``shard``, ``local``, ``nov`` (current novelty), ``vec`` (the row in the novelty
     space, so that a pick's neighbours are asked with it at once) and ``alive`` of the first
-    ``len(self)`` of ``total``. The rows cost the driver ``d`` floats a fetched candidate
-    (at 1M candidates, k 10,000, d 256, its peak RSS stayed 0.61 GiB with them)."""
+    ``len(self)`` of ``total``. The rows cost the driver ``d`` floats a fetched candidate: the
+    scan reaches little beyond the picks (at 1M candidates, 10,000 picks: 11,643 rows fetched;
+    the driver's peak RSS stayed 0.61 GiB)."""
 
     def __init__(self, handles, total: int, pending: list):
         self.handles, self.total, self.pending = handles, total, pending
