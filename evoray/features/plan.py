@@ -123,7 +123,9 @@ def write_plan(path: str, fs, plan: dict) -> None:
     pq.write_table(pa.table({c: plan[c] for c in PLAN_COLUMNS}), path, filesystem=fs)
 
 
-_PLAN: dict = {}  # the plan this worker process loaded last: {"path", "ids", "cols"}
+# the plan this worker process loaded last: {"path", "ids", "cols"} (not functools.lru_cache:
+# a pyarrow FileSystem argument is unhashable)
+_PLAN: dict = {}
 
 
 def _load_plan(path: str, fs) -> dict:

@@ -222,7 +222,8 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
     # Blocks of a bounded size (Ray Data's default is 128 MiB), so that a large pool streams
     # through the object store in many small blocks instead of a few that grow with it.
     block_bytes = ctx.target_max_block_size
-    ctx.target_max_block_size = min(block_bytes or STREAM_BLOCK, STREAM_BLOCK)
+    stream_block = min(block_bytes or STREAM_BLOCK, STREAM_BLOCK)
+    ctx.target_max_block_size = stream_block
     try:
         preserve = ctx.execution_options.preserve_order
         ctx.execution_options.preserve_order = True
@@ -251,7 +252,7 @@ def featurize(pool_path: str, model_spec: str, adapter: str | None = None,
             raise
         finally:
             ctx.execution_options.preserve_order = preserve
-            ctx.target_max_block_size = min(block_bytes or STREAM_BLOCK, STREAM_BLOCK)
+            ctx.target_max_block_size = stream_block
         ids = plan["id"].astype(str)
         by_id = np.argsort(ids, kind="stable")
         in_order = ids[by_id]

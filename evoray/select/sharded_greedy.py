@@ -31,7 +31,7 @@ class TopOrder:
 
     def __init__(self, handles, total: int, pending: list):
         self.handles, self.total, self.pending = handles, total, pending
-        self.cols = {f: np.empty(0, t) for f, t in DTYPES.items()}
+        self.cols = {f: np.empty(0, t) for f, t in DTYPES.items() if t is not None}
         self.cols["vec"] = None  # (len, d) once the first chunk arrives
         self.alive = np.empty(0, bool)
         self.buf = [None] * len(handles)
