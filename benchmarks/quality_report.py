@@ -349,14 +349,17 @@ def evolution_layer(args) -> list[str]:
 
 
 def evolution_report(rows: dict) -> str:
-    """Per generator and arm, each round's mean test accuracy (± s.e.) and wrong-label share over
-    the seeds, then the last round's paired difference of EvoSelect to each other arm
+    """Per generator and arm, each round's mean test accuracy (± s.e.), the picks' shares and the
+    proxy's competence (its accuracy on the targets, its right-over-wrong AUC) over the seeds,
+    then the last round's paired difference of EvoSelect to each other arm
     (``benchmarks/evolution.py``'s cells)."""
     out = ["# Evolution: rounds of `evoray evolve`, each round's model the next one's proxy", "",
            "Written by `benchmarks/evolution.py` from `evolution.json`; lookup task, a fresh pool "
            "each round, ratio 1/3, the downstream recipe continuing from the previous round's "
            "adapter. Test accuracy mean ± standard error over seeds; shares of the picks; the "
-           "pool's wrong-label base rate beside them.", ""]
+           "pool's wrong-label base rate beside them; the round's proxy (round 1: the base "
+           "model) on the targets as multiple-choice questions: its accuracy and the AUC of its "
+           "loss on the right letter against a wrong one (chance: 0.25 and 0.5).", ""]
     groups: dict[tuple, dict[str, dict[int, dict]]] = {}
     for r in rows.values():
         groups.setdefault((r["gen"], r["policy"], r["bf16"]), {}).setdefault(
@@ -364,8 +367,8 @@ def evolution_report(rows: dict) -> str:
     for (gen, policy, bf16), arms in sorted(groups.items()):
         out += [f"## {gen} pool, policy {policy}" + (", bfloat16" if bf16 else ""), "",
                 "| arm | round | seeds | test accuracy | wrong-label | pool wrong-label | "
-                "off-task | duplicate | unique-correct |",
-                "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+                "off-task | duplicate | unique-correct | proxy acc. | proxy AUC |",
+                "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
         for arm in [a for a in EVOLUTION_ARMS if a in arms]:
             cells = list(arms[arm].values())
             for i in range(max(len(c["rounds"]) for c in cells)):
@@ -376,9 +379,12 @@ def evolution_report(rows: dict) -> str:
                 sel = {k: statistics.mean(r["selection"][k] for r in rs)
                        for k in ("wrong_label", "off_task", "duplicate", "unique_correct")}
                 pool = statistics.mean(r["pool"]["wrong_label"] for r in rs)
+                proxy = [r["proxy"] for r in rs if r.get("proxy")]  # the competence check
+                comp = " | ".join(f"{statistics.mean(p[k] for p in proxy):.3f}" if proxy
+                                  else "–" for k in ("accuracy", "auc"))
                 out.append(f"| {arm} | {i + 1} | {len(rs)} | {statistics.mean(acc):.3f}{se} | "
                            f"{sel['wrong_label']:.3f} | {pool:.3f} | {sel['off_task']:.3f} | "
-                           f"{sel['duplicate']:.3f} | {sel['unique_correct']:.3f} |")
+                           f"{sel['duplicate']:.3f} | {sel['unique_correct']:.3f} | {comp} |")
         out.append("")
         evo = arms.get("evoselect", {})
         for other in ("random", "attribution"):

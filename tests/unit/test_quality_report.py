@@ -49,7 +49,9 @@ def test_downstream_tables_show_evoselect_against_each_method():
 def _evo_row(arm, seed, accs, wrong=0.3):
     rounds = [{"round": i + 1, "accuracy": a, "pool": {"wrong_label": 0.25},
                "selection": {"wrong_label": wrong, "off_task": 0.0, "duplicate": 0.0,
-                             "unique_correct": 0.6}} for i, a in enumerate(accs)]
+                             "unique_correct": 0.6},
+               "proxy": {"accuracy": 0.25 + 0.1 * i * seed, "auc": 0.5}}
+              for i, a in enumerate(accs)]
     return {"gen": "weak", "arm": arm, "seed": seed, "policy": "fixed", "bf16": True,
             "rounds": rounds}
 
@@ -64,7 +66,9 @@ def test_evolution_report_means_and_round3_paired_difference():
     rows["r9"] = _evo_row("random", 9, [0.9, 0.9, 0.9])  # no EvoSelect cell: not paired
     text = qr.evolution_report(rows)
     se = stats.sem([0.7, 0.6, 0.8])
-    assert f"| evoselect | 3 | 3 | 0.700 ± {se:.3f} | 0.100 | 0.250 |" in text
+    # ... | off-task | duplicate | unique-correct | the proxy's accuracy and AUC over the seeds
+    assert (f"| evoselect | 3 | 3 | 0.700 ± {se:.3f} | 0.100 | 0.250 | 0.000 | 0.000 | 0.600 | "
+            "0.450 | 0.500 |") in text
     assert "| random | 1 | 4 |" in text
     m, lo, hi = qr.paired([0.7, 0.6, 0.8], [0.3, 0.35, 0.3])
     assert (f"Round 3, EvoSelect minus random, paired over seeds 0, 1, 2: {m:+.3f} "
