@@ -13,6 +13,10 @@ the features exist, before selecting. Results are appended to ``benchmarks/resul
 and cells already there are skipped (``--force`` reruns them). A cell whose time, projected from
 the method's smaller sizes, exceeds ``--limit`` seconds (30 min) is recorded as ``n/a`` with the
 projection instead of being run; one that runs past the limit is stopped and recorded ``n/a``.
+
+Named ``selection.py``, not ``select.py``: a script's folder comes first on ``sys.path``, so a
+``benchmarks/select.py`` would shadow the standard library's ``select`` (an extension module on
+Linux, not a built-in), which ``subprocess`` imports.
 """
 
 from __future__ import annotations
