@@ -349,10 +349,9 @@ def evolution_layer(args) -> list[str]:
 
 
 def evolution_report(rows: dict) -> str:
-    """Per generator and arm, each round's mean test accuracy (± s.e.), the picks' shares and the
-    proxy's competence (its accuracy on the targets, its right-over-wrong AUC) over the seeds,
-    then the last round's paired difference of EvoSelect to each other arm
-    (``benchmarks/evolution.py``'s cells)."""
+    """Per generator and arm, each round's means over the seeds (test accuracy ± s.e., the picks'
+    shares, the proxy's competence), then the last round's paired difference of EvoSelect to
+    each other arm (``benchmarks/evolution.py``'s cells)."""
     out = ["# Evolution: rounds of `evoray evolve`, each round's model the next one's proxy", "",
            "Written by `benchmarks/evolution.py` from `evolution.json`; lookup task, a fresh pool "
            "each round, ratio 1/3, the downstream recipe continuing from the previous round's "
@@ -380,8 +379,8 @@ def evolution_report(rows: dict) -> str:
                        for k in ("wrong_label", "off_task", "duplicate", "unique_correct")}
                 pool = statistics.mean(r["pool"]["wrong_label"] for r in rs)
                 proxy = [r["proxy"] for r in rs if r.get("proxy")]  # the competence check
-                comp = " | ".join(f"{statistics.mean(p[k] for p in proxy):.3f}" if proxy
-                                  else "–" for k in ("accuracy", "auc"))
+                comp = " | ".join(f"{statistics.mean(p[k] for p in proxy):.3f}" if proxy else "–"
+                                  for k in ("accuracy", "auc"))
                 out.append(f"| {arm} | {i + 1} | {len(rs)} | {statistics.mean(acc):.3f}{se} | "
                            f"{sel['wrong_label']:.3f} | {pool:.3f} | {sel['off_task']:.3f} | "
                            f"{sel['duplicate']:.3f} | {sel['unique_correct']:.3f} | {comp} |")
