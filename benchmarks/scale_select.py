@@ -1,8 +1,10 @@
-"""Load: EvoSelect with ``select.backend: sharded`` on pools that need not fit on the driver.
+"""Load: EvoSelect (or TSDS) with ``select.backend: sharded`` on pools that need not fit on the
+driver.
 
     python benchmarks/scale_select.py --sizes 1m,2m,4m           # one row a size
     python benchmarks/scale_select.py --sizes 10m --shards 4 --interval 5   # the 10M row
     python benchmarks/scale_select.py --overlap 100k              # sharded vs local picks
+    python benchmarks/scale_select.py --overlap 100k --method tsds
 
 Each size is a pool of float16 features, d = ``--dim`` (256), written once under ``--work``
 (``select-<N>x<dim>``) in files of 250,000 rows (an ``--overlap`` pool: 8 files), each a range
@@ -10,7 +12,8 @@ of rows: a Gaussian mixture of 50 components, the data of ``benchmarks/selection
 targets from 5 components. The pool is written by this process; a cell then runs in a fresh
 subprocess: a local Ray (2 CPUs, a ``--store-gb`` object store, its own temp folder), then
 :func:`evoray.select.io.select_files` with ``backend: sharded``, evoselect at ratio
-``--ratio`` (0.01), default settings (above 100,000 candidates: kNN-sparse OT and kNN novelty).
+``--ratio`` (0.01), default settings (above 100,000 candidates: kNN-sparse OT and kNN novelty;
+``--method tsds``: TSDS, default settings, IVF neighbours above 20,000 candidates).
 Measured as ``benchmarks/scale.py`` measures (its ``Sampler``): the driver's peak RSS (psutil
 samples and ``ru_maxrss``), the object store's peak and the bytes spilled (``ray memory
 --stats-only`` and the spill folder), plus the shard actors' peak RSS (psutil samples of the
@@ -131,7 +134,7 @@ def cell(a) -> dict:
     shards.start()
     out = {}
     for backend in (("local", "sharded") if a.overlap else ("sharded",)):
-        cfg = SelectConfig(method="evoselect", ratio=a.ratio, backend=backend, shards=a.shards,
+        cfg = SelectConfig(method=a.method, ratio=a.ratio, backend=backend, shards=a.shards,
                            evoselect=EvoSelectSettings(novelty_codec=a.codec))
         t0 = time.perf_counter()
         summary, sel, _ = select_files(cfg, feats, targets, f"{a.work}/out-{a.n}-{backend}")
@@ -141,8 +144,9 @@ def cell(a) -> dict:
     shards.stop()
     diag = out["sharded"]["diagnostics"]
     res = {"n": a.n, "dim": a.dim, "ratio": a.ratio, "k": len(out["sharded"]["picks"]),
-           "shards": diag["shards"], "codec": a.codec, "seconds": out["sharded"]["seconds"],
-           "timing": diag["timing"], "marginal_err": diag["target_marginal_err"],
+           "method": a.method, "shards": diag["shards"], "codec": a.codec,
+           "seconds": out["sharded"]["seconds"], "timing": diag["timing"],
+           "marginal_err": diag.get("target_marginal_err"),
            "driver_rss": max(sampler.peak("rss"),
                              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
            "store_peak": sampler.peak("used"),
@@ -153,29 +157,41 @@ def cell(a) -> dict:
         local = set(out["local"]["picks"])
         res["overlap"] = len(local & set(out["sharded"]["picks"])) / len(local)
         res["local_seconds"] = out["local"]["seconds"]
+        if a.method == "tsds":  # the largest difference of any candidate's probability
+            import pyarrow.parquet as pq
+
+            p = [pq.read_table(f"{a.work}/out-{a.n}-{b}/scores.parquet").to_pandas()
+                 .set_index("id")["probability"] for b in ("local", "sharded")]
+            res["max_dp"] = float((p[0] - p[1].loc[p[0].index]).abs().max())
     ray.shutdown()
     return res
 
 
 def table(results: dict) -> str:
     gb = 2**30
-    lines = [MARK, "", "`python benchmarks/scale_select.py`: evoselect, `select.backend: "
-             "sharded`, float16 features, local Ray (2 CPUs) with the object store shown; "
-             "driver and shard peak RSS, bytes spilled (see the script's docstring).", "",
-             "| N | dim | k | shards, novelty codec | time | setup / cost / OT / greedy (s) "
-             "| driver peak RSS | largest shard RSS (all) | store peak | spilled "
-             "| overlap with local | when |",
-             "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
-    for r in sorted(results.values(), key=lambda r: (r.get("overlap") is not None, r["n"])):
+    lines = [MARK, "", "`python benchmarks/scale_select.py`: evoselect (tsds where shown), "
+             "`select.backend: sharded`, float16 features, local Ray (2 CPUs) with the object "
+             "store shown; driver and shard peak RSS, bytes spilled (see the script's "
+             "docstring). k: distinct picks (TSDS draws ratio · N with replacement).", "",
+             "| method | N | dim | k | shards, novelty codec | time "
+             "| setup / cost / OT / greedy (s) | driver peak RSS | largest shard RSS (all) "
+             "| store peak | spilled | overlap with local | when |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+    for r in sorted(results.values(), key=lambda r: (r.get("overlap") is not None,
+                                                     r.get("method", "evoselect"), r["n"])):
         t = r["timing"]
+        parts = " / ".join(f"{t[x]:.0f}" for x in ("setup", "cost", "ot", "diversification")) \
+            if "setup" in t else "–"
         lines.append(
-            f"| {r['n']:,} | {r['dim']} | {r['k']:,} | {r['shards']} "
-            f"{r.get('codec', 'SQfp16')} | {r['seconds']:.0f} s | "
-            f"{t['setup']:.0f} / {t['cost']:.0f} / {t['ot']:.0f} / {t['diversification']:.0f} | "
+            f"| {r.get('method', 'evoselect')} | {r['n']:,} | {r['dim']} | {r['k']:,} | "
+            f"{r['shards']} {r.get('codec', 'SQfp16') if 'setup' in t else ''} | "
+            f"{r['seconds']:.0f} s | {parts} | "
             f"{r['driver_rss'] / gb:.2f} GiB | {r['shard_rss_max'] / gb:.2f} "
             f"({r['shard_rss_sum'] / gb:.2f}) GiB | {r['store_peak'] / gb:.2f} / "
             f"{r['store_gb']:.0f} GiB | {r['spilled']:,} B | "
-            + (f"{r['overlap']:.3f} (local {r['local_seconds']:.0f} s)" if "overlap" in r
+            + (f"{r['overlap']:.3f} (local {r['local_seconds']:.0f} s"
+               + (f", max \\|Δp\\| {r['max_dp']:.1g}" if "max_dp" in r else "") + ")"
+               if "overlap" in r
                else "") + f" | {r['when']} |")
     return "\n".join(lines) + "\n"
 
@@ -194,6 +210,7 @@ def main() -> None:
     ap.add_argument("--overlap", default=None, help="compare with local at this size")
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--ratio", type=float, default=0.01)
+    ap.add_argument("--method", default="evoselect", choices=("evoselect", "tsds"))
     ap.add_argument("--shards", type=int, default=None)
     ap.add_argument("--codec", default="SQfp16", help="novelty index codec (SQ8: half)")
     ap.add_argument("--interval", type=float, default=1.0,
@@ -214,14 +231,15 @@ def main() -> None:
     os.makedirs(a.work, exist_ok=True)
     for n in sizes:
         key = f"{'overlap' if a.overlap else 'sharded'}|{n}|{a.dim}|{a.ratio}|{a.shards}" + \
-            ("" if a.codec == "SQfp16" else f"|{a.codec}")
+            ("" if a.codec == "SQfp16" else f"|{a.codec}") + \
+            ("" if a.method == "evoselect" else f"|{a.method}")
         if key in results and not a.force:
             continue
         make_pool(n, a.dim, Path(a.work))  # here, so that the cell's driver RSS is selection's
         cmd = [sys.executable, __file__, "--cell", str(n), "--dim", str(a.dim), "--ratio",
                str(a.ratio), "--store-gb", str(a.store_gb), "--work", os.path.abspath(a.work)]
         cmd += ["--shards", str(a.shards)] if a.shards else []
-        cmd += ["--codec", a.codec, "--interval", str(a.interval)]
+        cmd += ["--codec", a.codec, "--interval", str(a.interval), "--method", a.method]
         cmd += ["--overlap", a.overlap] if a.overlap else []
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode:

@@ -90,7 +90,7 @@ class SelectConfig(_Stage):
     backend: Literal["local", "sharded"] = _f(
         "local", "local: read every feature onto the driver; sharded: Ray actors each hold "
         "some features files and the driver only per-target vectors and the picks "
-        "(evoselect, attribution, random; docs/algorithms.md §3.8)")
+        "(evoselect, tsds, attribution, random; docs/algorithms.md §3.8)")
     shards: int | None = _f(None, "actors of backend=sharded; null = one per 500,000 "
                             "candidates (at most one per features file)")
     evoselect: EvoSelectSettings = field(default_factory=EvoSelectSettings,
@@ -124,10 +124,10 @@ class SelectConfig(_Stage):
         self._require(self.eps > 0, "eps", "must be positive")
         self._require(self.tau > 0, "tau", "must be positive")
         self._require(self.shards is None or self.shards > 0, "shards", "must be positive")
-        sharded = ("evoselect", "attribution", "random")
+        sharded = ("evoselect", "tsds", "attribution", "random")
         self._require(self.backend == "local" or self.method in sharded, "backend",
-                      f"sharded runs {', '.join(sharded)} only; {self.method} clusters or "
-                      "searches the whole pool: use backend=local")
+                      f"sharded runs {', '.join(sharded)} only; {self.method} clusters the "
+                      "whole pool: use backend=local")
         self._require(self.backend == "local" or self.method != "evoselect"
                       or self.evoselect.alignment == "mass", "backend",
                       "sharded aligns by OT mass only; evoselect.alignment=lava needs "

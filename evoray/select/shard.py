@@ -6,7 +6,9 @@ float16 or float32), their geometry (:class:`~evoray.select.geometry.UnitRows` w
 centre, computed from every shard's sums), its part of a dense OT
 (:class:`~evoray.select.ot.OTPart`), its novelty space (a dense matrix or a faiss IVF index over
 its own rows) and its side of the greedy state: novelty, alive flags and the order of its alive
-candidates by alignment, handed to the driver a chunk at a time.
+candidates by alignment, handed to the driver a chunk at a time. For TSDS it holds the rows the
+driver's neighbour searches scan (:meth:`FeatureShard.tsds_index`) and, at the end, the
+per-candidate scores the driver computed (:meth:`FeatureShard.keep_scores`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class FeatureShard:
         # ids as one Arrow string array: ~15 bytes an id against ~60 for a Python str
         self.ids = pa.array(self.ids.astype(str), pa.string())
         self.part: OTPart | None = None
+        self.kept: dict[str, np.ndarray] | None = None  # scores from the driver (TSDS)
 
     def pool_rows(self, full: bool = False) -> tuple:
         """``(first row, last row, count, dropped, dim)``, or with ``full`` each candidate's
@@ -164,6 +167,53 @@ class FeatureShard:
         return (bool(nov < min_novelty), int(self.bin[row]), float(nov), int(self.gpos[row]),
                 row, self.space.take(np.array([row]))[0])
 
+    # ---- TSDS ----------------------------------------------------------------------------------
+    def tsds_index(self, trained: bytes | None, subset: np.ndarray | None = None) -> None:
+        """Hold the rows TSDS searches here: all of this shard's, or those at the global
+        positions ``subset``; added to a copy of the pool's trained IVF index (``trained``,
+        ``faiss.serialize_index`` bytes; ids are global positions), or, with None, kept for an
+        exact search."""
+        import faiss
+
+        self.search_rows = np.arange(len(self.G)) if subset is None else self.locate(subset)[1]
+        self.index = None
+        if trained is not None:
+            self.index = faiss.deserialize_index(trained)
+            for s, e in blocks(len(self.search_rows)):
+                rows = self.search_rows[s:e]
+                self.index.add_with_ids(self.U.take(rows), self.gpos[rows])
+
+    def tsds_search(self, Q: np.ndarray, k: int, nprobe: int,
+                    ids: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Each query's k nearest rows of :meth:`tsds_index` by squared Euclidean distance
+        (``nprobe`` lists probed when indexed): ``(D, global positions)``, ascending, padded
+        with ``(inf, -1)`` where this shard holds fewer; positions None without ``ids``."""
+        import faiss
+
+        D = np.full((len(Q), k), np.inf, np.float32)
+        Idx = np.full((len(Q), k), -1, np.int64)
+        if self.index is not None:
+            d, Idx = self.index.search(Q, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
+            D = np.where(Idx >= 0, d, np.inf).astype(np.float32)
+        elif len(self.search_rows):
+            kk = min(k, len(self.search_rows))
+            D[:, :kk], i = knn(Q, self.U, kk, metric="l2", subset=self.search_rows)
+            Idx[:, :kk] = self.gpos[i]
+        return D, (Idx if ids else None)
+
+    def keep_scores(self, gpos: np.ndarray, columns: dict, fill: dict,
+                    picked: np.ndarray) -> None:
+        """Keep the driver's per-candidate scores for :meth:`scores`: ``columns[name][j]`` for
+        the candidate at global position ``gpos[j]``, ``fill[name]`` for the others; mark the
+        candidates at ``picked`` selected. Frees the TSDS index."""
+        found, local = self.locate(gpos)
+        self.kept = {}
+        for name, col in columns.items():
+            self.kept[name] = np.full(len(self.G), fill[name], np.float64)
+            self.kept[name][local] = np.asarray(col)[found]
+        self.alive[self.locate(picked)[1]] = False
+        self.index = self.search_rows = None
+
     # ---- greedy diversification ---------------------------------------------------------------
     def novelty_space(self, P: np.ndarray | None, dense: bool) -> None:
         """The rows novelty is measured on: residuals of the directions ``P`` (None: the
@@ -225,8 +275,12 @@ class FeatureShard:
 
     def scores(self, start: int = 0, stop: int | None = None) -> pa.Table:
         """One row per candidate ``start:stop``: ``id``, ``selected``, ``alignment`` (first
-        block), ``novelty`` (after the last pick), for ``scores.parquet``."""
+        block), ``novelty`` (after the last pick), for ``scores.parquet``; or, when the driver
+        sent scores (:meth:`keep_scores`), those instead of alignment and novelty."""
         sl = slice(start, stop)
+        if self.kept is not None:
+            return pa.table({"id": self.ids[sl], "selected": pa.array(~self.alive[sl]),
+                             **{name: pa.array(col[sl]) for name, col in self.kept.items()}})
         align = self.first_align[sl] if self.first_align is not None else \
             np.full(len(self.G[sl]), np.nan)
         return pa.table({"id": self.ids[sl],

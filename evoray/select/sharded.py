@@ -23,9 +23,14 @@ candidates in pool order). The novelty index is trained on a worker, not on the 
   next call. Dense novelty gives the local backend's picks; kNN novelty searches one index a
   shard instead of one over the pool, which changes some neighbours (docs/algorithms.md §3.8).
 
-TSDS, diversity and attr_div cluster or search the whole pool and are not sharded: the config
-refuses them with ``backend: sharded``. ``alignment: lava`` is refused too (its calibration sums
-every candidate's potential).
+* **tsds**: every neighbour search runs in the shards and is merged on the driver (one IVF index
+  trained as the local one is, each shard adding its rows), which then holds the targets' lists
+  (M × K) and computes the probabilities over the listed candidates only: the local picks up to
+  ties between equidistant candidates (:mod:`evoray.select.sharded_tsds`).
+
+Diversity and attr_div cluster the whole pool (k-means with k up to N/10 centroids) and are not
+sharded: the config refuses them with ``backend: sharded``. ``alignment: lava`` is refused too
+(its calibration sums every candidate's potential).
 """
 
 from __future__ import annotations
@@ -154,20 +159,26 @@ class ShardedPool:
             out[found] = rows
         return out
 
-    def train_ivf(self, nlist: int | None, codec: str, seed: int) -> bytes:
-        """The novelty space's IVF index, trained as the local backend trains it (the same
-        :func:`~evoray.select.geometry.ivf_sample`), on a Ray worker that gathers the sample
-        from the shards: the driver never holds it (at 4M candidates, 128k rows of the 2,000
-        lists; the driver's peak RSS rose 0.71 → 0.93 GiB from 1M to 4M while it trained
-        there). Returns ``faiss.serialize_index`` bytes for :meth:`FeatureShard.add_index`."""
+    def train_ivf(self, nlist: int | None, codec: str, seed: int, *, metric: str = "ip",
+                  train_rows: int = 64, subset: np.ndarray | None = None,
+                  space: bool = True) -> bytes:
+        """An IVF index trained as the local backend trains it (the same
+        :func:`~evoray.select.geometry.ivf_sample`, over the pool or the global positions
+        ``subset``), on a Ray worker that gathers the sample from the shards: the driver never
+        holds it (at 4M candidates, 128k rows of the 2,000 lists; the driver's peak RSS rose
+        0.71 → 0.93 GiB from 1M to 4M while it trained there). Rows of the novelty space
+        (``space``) or the normalised ones. Returns ``faiss.serialize_index`` bytes for
+        :meth:`FeatureShard.add_index` or :meth:`FeatureShard.tsds_index`."""
         import ray
 
         from evoray.select.geometry import ivf_sample
 
-        nlist, sample = ivf_sample(self.n, nlist=nlist, seed=seed)
-        parts = [h.take_space.remote(sample) for h in self.handles]
+        n = self.n if subset is None else len(subset)
+        nlist, sample = ivf_sample(n, nlist=nlist, train_rows=train_rows, seed=seed)
+        sample = sample if subset is None else np.asarray(subset)[sample]
+        parts = [(h.take_space if space else h.take).remote(sample) for h in self.handles]
         task = ray.remote(num_cpus=0)(_train_ivf)  # the shards hold the CPUs; the driver waits
-        return ray.get(task.remote(len(sample), self.dim, nlist, codec, seed, *parts))
+        return ray.get(task.remote(len(sample), self.dim, nlist, codec, metric, seed, *parts))
 
     def picked(self, where: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, features as stored)`` of the picks at ``(shard, local row)``, in order."""
@@ -217,7 +228,8 @@ class ShardedPool:
             [where[i] for i in best]
 
 
-def _train_ivf(n: int, dim: int, nlist: int, codec: str, seed: int, *parts) -> bytes:
+def _train_ivf(n: int, dim: int, nlist: int, codec: str, metric: str, seed: int,
+               *parts) -> bytes:
     """:meth:`ShardedPool.train_ivf`'s worker: the shards' ``(found, rows)`` of the sample,
     assembled in sample order, train the index."""
     import faiss
@@ -227,7 +239,7 @@ def _train_ivf(n: int, dim: int, nlist: int, codec: str, seed: int, *parts) -> b
     X = np.empty((n, dim), np.float32)
     for found, rows in parts:
         X[found] = rows
-    return faiss.serialize_index(ivf_train(X, nlist, codec=codec, seed=seed))
+    return faiss.serialize_index(ivf_train(X, nlist, codec=codec, metric=metric, seed=seed))
 
 
 def select_sharded(cfg, features: str, targets: str, out: str, *, pool: str | None = None,
@@ -247,6 +259,7 @@ def select_sharded(cfg, features: str, targets: str, out: str, *, pool: str | No
     from evoray.select.io import pool_records, write_selection
     from evoray.select.selection import nearest_in
     from evoray.select.sharded_evoselect import evoselect_sharded
+    from evoray.select.sharded_tsds import tsds_sharded
     from evoray.storage import atomic_write
 
     t0 = time.perf_counter()
@@ -265,8 +278,9 @@ def select_sharded(cfg, features: str, targets: str, out: str, *, pool: str | No
         elif cfg.method == "attribution":
             sel, where = sp.attribution(V, k)
         else:
+            fn = tsds_sharded if cfg.method == "tsds" else evoselect_sharded
             try:
-                sel, where = evoselect_sharded(sp, V, k, seed=cfg.seed, **cfg.method_params())
+                sel, where = fn(sp, V, k, seed=cfg.seed, **cfg.method_params())
             except ValueError as e:
                 raise SelectError(f"{cfg.method}: {e}") from None
         if "nearest_targets" not in sel.explain:
@@ -278,7 +292,7 @@ def select_sharded(cfg, features: str, targets: str, out: str, *, pool: str | No
         sel.diagnostics.update(method=cfg.method, seed=cfg.seed, k=k, n=len(sp), m=len(V),
                                backend="sharded", shards=len(sp.handles), dropped={
                                    "candidates": sp.dropped, "targets": int((~keep).sum())})
-        view = Selection(indices=np.arange(k), explain=sel.explain,
+        view = Selection(indices=np.arange(len(sel.indices)), explain=sel.explain,
                          diagnostics=sel.diagnostics, method=cfg.method)
         records = pool_records(pool, view, ids, n_features=len(sp)) if pool else None
 

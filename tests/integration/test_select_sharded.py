@@ -91,9 +91,36 @@ def test_knn_novelty_over_shards_is_the_local_knn_path(ray_session, folders):
     assert sharded["id"] == local["id"]
 
 
+@pytest.mark.parametrize("extra", [
+    {}, pytest.param({"exact_max": 500}, marks=pytest.mark.slow)], ids=["exact", "ivf"])
+def test_tsds_sharded_picks_what_local_picks(ray_session, folders, extra):
+    """Exact kNN, or one IVF index trained as the local one is with each shard adding its rows:
+    the same neighbours, probabilities and densities, so the same seeded draw."""
+    from evoray.config.selectors import TsdsSettings
+
+    settings = TsdsSettings(**extra)
+    local, _, lout = run(folders, f"local-tsds-{len(extra)}", method="tsds", k=200, seed=4,
+                         tsds=settings)
+    sharded, summary, out = run(folders, f"sharded-tsds-{len(extra)}", method="tsds", k=200,
+                                seed=4, tsds=settings, backend="sharded", shards=3)
+    assert sharded["id"] == local["id"] and sharded["count"] == local["count"]
+    assert sharded["nearest_targets"] == local["nearest_targets"]
+    np.testing.assert_allclose(sharded["alignment"], local["alignment"], rtol=1e-9)
+    diag = summary["diagnostics"]
+    assert diag["shards"] == 3 and diag["exact_knn"] == (not extra)
+    mine, theirs = (pq.read_table(f / "scores.parquet").to_pandas().set_index("id")
+                    for f in (out, lout))
+    theirs = theirs.loc[mine.index]  # local's file has the zero row too (NaN scores)
+    assert (mine["selected"] == theirs["selected"]).all()
+    np.testing.assert_allclose(mine["probability"], theirs["probability"], rtol=1e-9,
+                               atol=1e-15)
+    np.testing.assert_allclose(mine["kde"], theirs["kde"], rtol=1e-6)  # NaN where unlisted
+    assert (theirs["probability"] > 0).sum() < len(theirs)  # some candidates are unlisted
+
+
 def test_sharded_refuses_what_it_cannot_run():
     with pytest.raises(ConfigError, match="select.backend.*use backend=local"):
-        SelectConfig(method="tsds", backend="sharded")
+        SelectConfig(method="diversity", backend="sharded")
     with pytest.raises(ConfigError, match="lava needs backend=local"):
         from evoray.config.sections import EvoSelectSettings
 
