@@ -176,12 +176,12 @@ class FeatureShard:
         import faiss
 
         self.search_rows = np.arange(len(self.G)) if subset is None else self.locate(subset)[1]
-        self.index = None
+        self.tsds_ivf = None
         if trained is not None:
-            self.index = faiss.deserialize_index(trained)
+            self.tsds_ivf = faiss.deserialize_index(trained)
             for s, e in blocks(len(self.search_rows)):
                 rows = self.search_rows[s:e]
-                self.index.add_with_ids(self.U.take(rows), self.gpos[rows])
+                self.tsds_ivf.add_with_ids(self.U.take(rows), self.gpos[rows])
 
     def tsds_search(self, Q: np.ndarray, k: int, nprobe: int,
                     ids: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
@@ -192,8 +192,8 @@ class FeatureShard:
 
         D = np.full((len(Q), k), np.inf, np.float32)
         Idx = np.full((len(Q), k), -1, np.int64)
-        if self.index is not None:
-            d, Idx = self.index.search(Q, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
+        if self.tsds_ivf is not None:
+            d, Idx = self.tsds_ivf.search(Q, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
             D = np.where(Idx >= 0, d, np.inf).astype(np.float32)
         elif len(self.search_rows):
             kk = min(k, len(self.search_rows))
@@ -212,7 +212,7 @@ class FeatureShard:
             self.kept[name] = np.full(len(self.G), fill[name], np.float64)
             self.kept[name][local] = np.asarray(col)[found]
         self.alive[self.locate(picked)[1]] = False
-        self.index = self.search_rows = None
+        self.tsds_ivf = self.search_rows = None
 
     # ---- greedy diversification ---------------------------------------------------------------
     def novelty_space(self, P: np.ndarray | None, dense: bool) -> None:

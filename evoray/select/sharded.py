@@ -247,8 +247,8 @@ def select_sharded(cfg, features: str, targets: str, out: str, *, pool: str | No
     """:func:`evoray.select.io.select_files` with ``cfg.backend == "sharded"``: the same
     folder (``selected.parquet``, ``summary.json``, ``scores.parquet`` written shard by shard,
     ``selected.jsonl`` with ``pool``), from :class:`ShardedPool` actors that are released
-    after. ``random`` draws over the pool positions (the features' ``row``), not the content
-    order the local backend uses with ``pool``. Returns ``(summary, selection, pool)``."""
+    after. ``random`` and ``tsds`` draw over the pool positions (the features' ``row``), not the
+    content order the local backend uses with ``pool``. Returns ``(summary, selection, pool)``."""
     import ray
 
     from evoray.data.features import read_features
