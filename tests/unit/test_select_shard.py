@@ -89,3 +89,24 @@ def test_read_features_by_batches_equals_the_table(tmp_path, monkeypatch):
     order = np.argsort(table["row"])
     np.testing.assert_array_equal(f.X, np.array(table["feature"], np.float16)[order])
     assert f.ids.tolist() == [table["id"][i] for i in order]
+
+
+def test_a_draw_over_the_listed_candidates_is_the_draw_over_all():
+    """Sharded TSDS draws over the candidates with a nonzero probability only: numpy's
+    multinomial and weighted choice spend no random number on a zero, so the seeded draws are
+    the local backend's over all N (with replacement and without)."""
+    for t in range(20):
+        r = np.random.default_rng(t)
+        n = 3000
+        listed = np.sort(r.choice(n, 200, replace=False))
+        full = np.zeros(n)
+        full[listed] = r.random(200) ** 3
+        full /= full.sum()
+        part = full[listed] / full[listed].sum()
+        counts = np.random.default_rng(t).multinomial(400, full)
+        assert counts.sum() == 400
+        np.testing.assert_array_equal(np.random.default_rng(t).multinomial(400, part),
+                                      counts[listed])
+        np.testing.assert_array_equal(
+            listed[np.random.default_rng(t).choice(200, 80, replace=False, p=part)],
+            np.random.default_rng(t).choice(n, 80, replace=False, p=full))
