@@ -24,7 +24,13 @@ import numpy as np
 
 from evoray.select.geometry import blocks, unit
 from evoray.select.selection import Selection
-from evoray.select.tsds import tsds_probabilities
+from evoray.select.tsds import (
+    ivf_lists,
+    kde_density,
+    tsds_draw,
+    tsds_neighbours,
+    tsds_probabilities,
+)
 
 __all__ = ["tsds_sharded"]
 
@@ -62,11 +68,9 @@ def _searcher(pool, exact: bool, seed: int, subset: np.ndarray | None = None):
     distances, positions)`` over the pool (or the positions ``subset``)."""
     import ray
 
-    nlist = None
-    trained = None
+    nlist = trained = None
     if not exact:
-        n = len(pool) if subset is None else len(subset)
-        nlist = max(1, int(np.sqrt(n)) // 2)
+        nlist = ivf_lists(len(pool) if subset is None else len(subset))
         trained = pool.train_ivf(nlist, "Flat", seed, metric="l2", train_rows=256,
                                  subset=subset, space=False)
     pool.call("tsds_index", ray.put(trained), None if subset is None else ray.put(subset))
@@ -101,10 +105,7 @@ def tsds_sharded(pool, V: np.ndarray, k: int, *, seed: int = 0, alpha: float = 0
 
     t0 = time.perf_counter()
     n = len(pool)
-    K, kde_k = min(max_K, n // 10), min(kde_K, n // 10)
-    if K < 2:
-        raise ValueError(f"TSDS needs at least 20 candidates (max_K = min({max_K}, N // 10) "
-                         f"must be >= 2), got N = {n}")
+    K, kde_k = tsds_neighbours(n, max_K, kde_K)
     pool.call("geometry", "none", None)
     exact = n <= exact_max
     D2, idx = _searcher(pool, exact, seed)(unit(V), K)
@@ -118,24 +119,10 @@ def tsds_sharded(pool, V: np.ndarray, k: int, *, seed: int = 0, alpha: float = 0
         kk = min(kde_k, len(top))
         search = _searcher(pool, exact, seed, subset=top)
         for s, e in blocks(len(top), KDE_BLOCK):
-            Dk, _ = search(pool.take(top[s:e]), kk, ids=False)
-            kern = 1.0 - Dk.astype(np.float64) / sigma ** 2
-            kde_top[s:e] = (kern * (kern > 0)).sum(axis=1)
+            kde_top[s:e] = kde_density(search(pool.take(top[s:e]), kk, ids=False)[0], sigma)
     kde = np.ones_like(dists) if sigma == 0 else kde_top[inv]
     p = tsds_probabilities(dists, inv, kde, len(top), alpha=alpha, C=C)
-    rng = np.random.default_rng(seed)
-    if replace:
-        counts = rng.multinomial(k, p)
-        drawn = np.flatnonzero(counts)
-        order = np.lexsort((drawn, -p[drawn], -counts[drawn]))
-        picks, count = drawn[order], counts[drawn[order]]
-    else:
-        support = int((p > 0).sum())
-        if support < k:
-            raise ValueError(f"only {support} candidates have a nonzero TSDS probability; "
-                             f"k={k} distinct draws need replace=True or a smaller k")
-        picks = rng.choice(len(top), size=k, replace=False, p=p)
-        count = np.ones(k, np.int64)
+    picks, count = tsds_draw(p, k, seed, replace)
     columns = ray.put({"probability": p, "kde": kde_top})
     pool.call("keep_scores", ray.put(top), columns, {"probability": 0.0, "kde": np.nan},
               top[picks])

@@ -22,7 +22,8 @@ import numpy as np
 from evoray.select.geometry import UnitRows, blocks, ivf_index, knn
 from evoray.select.selection import Selection
 
-__all__ = ["tsds", "tsds_probabilities"]
+__all__ = ["ivf_lists", "kde_density", "tsds", "tsds_draw", "tsds_neighbours",
+           "tsds_probabilities"]
 
 
 def tsds_probabilities(dists: np.ndarray, idx: np.ndarray, kde: np.ndarray, n: int, *,
@@ -67,6 +68,44 @@ def tsds_probabilities(dists: np.ndarray, idx: np.ndarray, kde: np.ndarray, n: i
     return p / p.sum()
 
 
+def tsds_neighbours(n: int, max_K: int, kde_K: int) -> tuple[int, int]:
+    """``(K, kde_K)``: neighbours per target and per KDE query, both capped at ``n // 10``."""
+    K = min(max_K, n // 10)
+    if K < 2:
+        raise ValueError(f"TSDS needs at least 20 candidates (max_K = min({max_K}, N // 10) "
+                         f"must be >= 2), got N = {n}")
+    return K, min(kde_K, n // 10)
+
+
+def ivf_lists(n: int) -> int:
+    """The authors' IVF list count for n rows, ``sqrt(n) // 2`` (at least 1)."""
+    return max(1, int(np.sqrt(n)) // 2)
+
+
+def kde_density(D2: np.ndarray, sigma: float) -> np.ndarray:
+    """Each query's density ``rho = Σ max(0, 1 − d²/σ²)`` from its neighbours' squared
+    distances ``D2`` (q, kde_K)."""
+    kern = 1.0 - D2.astype(np.float64) / sigma ** 2
+    return (kern * (kern > 0)).sum(axis=1)
+
+
+def tsds_draw(p: np.ndarray, k: int, seed: int, replace: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(picks, count)``: k seeded draws with probabilities ``p``; with ``replace``,
+    ``multinomial(k, p)``'s distinct candidates, most drawn first (then by p, then index),
+    else k distinct ones."""
+    rng = np.random.default_rng(seed)
+    if replace:
+        counts = rng.multinomial(k, p)
+        drawn = np.flatnonzero(counts)
+        order = np.lexsort((drawn, -p[drawn], -counts[drawn]))
+        return drawn[order], counts[drawn[order]]
+    support = int((p > 0).sum())
+    if support < k:
+        raise ValueError(f"only {support} candidates have a nonzero TSDS probability; "
+                         f"k={k} distinct draws need replace=True or a smaller k")
+    return rng.choice(len(p), size=k, replace=False, p=p), np.ones(k, np.int64)
+
+
 def _searcher(U: UnitRows, exact: bool, seed: int, subset: np.ndarray | None = None):
     """``search(Q, k) -> (squared distances, rows)``, ascending, over (a subset of) ``U``:
     exact brute force, or one faiss IVF index built here (the authors' settings: they train
@@ -74,7 +113,7 @@ def _searcher(U: UnitRows, exact: bool, seed: int, subset: np.ndarray | None = N
     if exact:
         return lambda Q, k: knn(Q, U, k, metric="l2", subset=subset)
     n = len(U) if subset is None else len(subset)
-    index = ivf_index(U, nlist=max(1, int(np.sqrt(n)) // 2), nprobe=10, codec="Flat",
+    index = ivf_index(U, nlist=ivf_lists(n), nprobe=10, codec="Flat",
                       metric="l2", seed=seed, subset=subset, train_rows=256)  # faiss's cap
 
     ivf = faiss.extract_index_ivf(index)
@@ -124,10 +163,7 @@ def tsds(G: np.ndarray, V: np.ndarray, k: int, *, seed: int = 0, alpha: float = 
     """
     t0 = time.perf_counter()
     n = len(G)
-    K, kde_k = min(max_K, n // 10), min(kde_K, n // 10)
-    if K < 2:
-        raise ValueError(f"TSDS needs at least 20 candidates (max_K = min({max_K}, N // 10) "
-                         f"must be >= 2), got N = {n}")
+    K, kde_k = tsds_neighbours(n, max_K, kde_K)
     U = UnitRows(G)
     Vh = U.targets(V)
     exact = n <= exact_max
@@ -144,25 +180,11 @@ def tsds(G: np.ndarray, V: np.ndarray, k: int, *, seed: int = 0, alpha: float = 
         kk = min(kde_k, len(top))
         search = _searcher(U, exact, seed, subset=top)
         for s, e in blocks(len(top), 4096):
-            Dk, _ = search(U.take(top[s:e]), kk)
-            kern = 1.0 - Dk.astype(np.float64) / sigma ** 2
-            kde_top[s:e] = (kern * (kern > 0)).sum(axis=1)
+            kde_top[s:e] = kde_density(search(U.take(top[s:e]), kk)[0], sigma)
         kde_rows[top] = kde_top
         kde = kde_rows[idx]
     p = tsds_probabilities(dists, idx, kde, n, alpha=alpha, C=C)
-    rng = np.random.default_rng(seed)
-    if replace:
-        counts = rng.multinomial(k, p)
-        drawn = np.flatnonzero(counts)
-        order = np.lexsort((drawn, -p[drawn], -counts[drawn]))
-        picks, count = drawn[order], counts[drawn[order]]
-    else:
-        support = int((p > 0).sum())
-        if support < k:
-            raise ValueError(f"only {support} candidates have a nonzero TSDS probability; "
-                             f"k={k} distinct draws need replace=True or a smaller k")
-        picks = rng.choice(n, size=k, replace=False, p=p)
-        count = np.ones(k, np.int64)
+    picks, count = tsds_draw(p, k, seed, replace)
     return Selection(indices=picks, scores={"probability": p, "kde": kde_rows},
                      explain={"count": count, "alignment": p[picks],
                               "novelty": 1.0 / kde_rows[picks]},
